@@ -1,0 +1,100 @@
+"""Generic torch state_dict <-> Flax variables mapping; family tables add only their exceptions.
+
+Flax names mirror timm's with `_N` for `.N` (`layer1_0` is `layer1.0`). Leaves map as:
+  params kernel (4-D)  <-> weight, OIHW <-> HWIO        params kernel (2-D) <-> weight, transposed
+  params scale         <-> weight                       params bias         <-> bias
+  batch_stats mean     <-> running_mean                 batch_stats var     <-> running_var
+  any other params leaf (cls_token, pos_embed, gamma, ...) <-> the same name, same shape.
+torch's BatchNorm `num_batches_tracked` has no Flax counterpart: dropped on import, written as 0 on export.
+"""
+import importlib
+import re
+
+import numpy as np
+from flax import traverse_util
+
+_LEAF_TO_TORCH = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
+                  ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+
+
+class ConversionError(ValueError):
+    """A state_dict that does not fit the model; the message lists every problem at once."""
+
+
+def family_table(family):
+    """The key table module of a model family (convert/tables/<family>.py)."""
+    return importlib.import_module(f"convert.tables.{family}")
+
+
+def torch_name(collection, path):
+    """Default torch key of a Flax leaf: ('layer1_0', 'conv1', 'kernel') -> 'layer1.0.conv1.weight'."""
+    *modules, leaf = path
+    leaf = _LEAF_TO_TORCH.get((collection, leaf), leaf)
+    return ".".join([re.sub(r"_(\d+)$", r".\1", re.sub(r"_(\d+)(?=_)", r".\1", m)) for m in modules] + [leaf])
+
+
+def to_flax_array(leaf_name, array):
+    if leaf_name == "kernel" and array.ndim == 4:
+        return np.transpose(array, (2, 3, 1, 0))
+    if leaf_name == "kernel" and array.ndim == 2:
+        return array.T
+    return array
+
+
+def to_torch_array(leaf_name, array):
+    if leaf_name == "kernel" and array.ndim == 4:
+        return np.transpose(array, (3, 2, 0, 1))
+    if leaf_name == "kernel" and array.ndim == 2:
+        return array.T
+    return array
+
+
+def _flat_template(template):
+    """[(collection, path, shape)] of an abstract or concrete variables tree."""
+    flat = traverse_util.flatten_dict(dict(template))
+    return [(k[0], k[1:], tuple(v.shape)) for k, v in flat.items()]
+
+
+def state_dict_to_variables(state_dict, template, table=None):
+    """Fill `template` (the model's variable tree, abstract is fine) from a timm-1.x-layout numpy state_dict.
+
+    `table.torch_name(collection, path)` may override the default name rule for a family. Every tensor must be
+    used exactly once (BatchNorm's num_batches_tracked and the table's `IGNORED` patterns excepted) and every
+    leaf filled with the right shape; otherwise one ConversionError lists all the problems.
+    """
+    name_of = getattr(table, "torch_name", None) or torch_name
+    ignored = [re.compile(p) for p in (*getattr(table, "IGNORED", ()), r"(^|\.)num_batches_tracked$")]
+    remaining = {k: v for k, v in state_dict.items() if not any(p.search(k) for p in ignored)}
+    missing, mismatched, flat = [], [], {}
+    for collection, path, shape in _flat_template(template):
+        key = name_of(collection, path)
+        if key not in remaining:
+            missing.append(key)
+            continue
+        value = to_flax_array(path[-1], np.asarray(remaining.pop(key)))
+        if tuple(value.shape) != shape:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {shape}")
+            continue
+        flat[(collection, *path)] = value
+    problems = []
+    if missing:
+        problems.append(f"missing in checkpoint: {', '.join(missing)}")
+    if remaining:
+        problems.append(f"unexpected in checkpoint: {', '.join(sorted(remaining))}")
+    if mismatched:
+        problems.append(f"shape mismatch: {'; '.join(mismatched)}")
+    if problems:
+        raise ConversionError(" | ".join(problems))
+    return traverse_util.unflatten_dict(flat)
+
+
+def variables_to_state_dict(variables, table=None):
+    """The inverse: a timm-1.x-layout numpy state_dict (BatchNorm's num_batches_tracked written as 0)."""
+    name_of = getattr(table, "torch_name", None) or torch_name
+    out = {}
+    for key, value in traverse_util.flatten_dict(dict(variables)).items():
+        collection, path = key[0], key[1:]
+        out[name_of(collection, path)] = to_torch_array(path[-1], np.asarray(value))
+        if collection == "batch_stats" and path[-1] == "mean":
+            out[name_of(collection, path)[: -len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+    return out

@@ -1,0 +1,90 @@
+"""The one place orbax is called.
+
+Two kinds of directory:
+* a *model directory* (`save_model` / `load_model`): one model's variables (params, batch_stats) as an orbax
+  checkpoint in `variables/`, plus `model.json` naming the architecture (`model`, `num_classes`, `overrides`) and
+  where it came from. Written by the converter and by training (a trained teacher, an exported student).
+* a *run directory*: the train state of a run, managed by `RunCheckpoints` (latest and best by top-1).
+Every write goes to a temporary sibling and is renamed into place, so a crash never leaves a half-written directory.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+MODEL_JSON = "model.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit; the message says which and why."""
+
+
+def save_model(directory, variables, metadata):
+    """Write `variables` and `metadata` (must hold `model` and `num_classes`) to `directory`, atomically."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory):
+        raise CheckpointError(f"{directory} already exists; choose another output directory or remove it")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
+    try:
+        host = jax.tree_util.tree_map(np.asarray, jax.device_get(dict(variables)))
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(tmp, "variables"), host)
+        with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+            json.dump(metadata, f, indent=2, sort_keys=True)
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_model_metadata(directory):
+    path = os.path.join(directory, MODEL_JSON)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory} is not a model directory (no {MODEL_JSON}); "
+                              "write one with `python -m convert.from_torch` or by training")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str) or not isinstance(
+            meta.get("num_classes"), int):
+        raise CheckpointError(f"{path} must hold a 'model' name and an integer 'num_classes'")
+    return meta
+
+
+def check_tree_shapes(template, tree, what):
+    """Raise one CheckpointError naming every missing, unexpected and mis-shaped leaf of `tree` vs `template`."""
+    from flax import traverse_util
+    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(template)).items()}
+    got = {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+    problems = []
+    if missing := sorted(set(want) - set(got)):
+        problems.append(f"missing: {', '.join(missing)}")
+    if unexpected := sorted(set(got) - set(want)):
+        problems.append(f"unexpected: {', '.join(unexpected)}")
+    if bad := [f"{k} {got[k]} vs {want[k]}" for k in sorted(set(want) & set(got)) if want[k] != got[k]]:
+        problems.append(f"shape mismatch (checkpoint vs model): {'; '.join(bad)}")
+    if problems:
+        raise CheckpointError(f"{what} does not fit: " + " | ".join(problems))
+
+
+def load_model_variables(directory, template):
+    """Restore the variables of a model directory as numpy arrays, checked leaf by leaf against `template`."""
+    path = os.path.join(os.path.abspath(directory), "variables")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{directory} has no variables/ directory")
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            tree = ckpt.restore(path)
+    except Exception as e:  # orbax raises many types for a damaged directory
+        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    check_tree_shapes(template, tree, directory)
+    return jax.tree_util.tree_map(np.asarray, tree)
