@@ -16,10 +16,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rsd_jax.errors import UserError
+
 MODEL_JSON = "model.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable or does not fit; the message says which and why."""
 
 

@@ -11,6 +11,8 @@ import importlib
 import jax
 import jax.numpy as jnp
 
+from rsd_jax.errors import UserError
+
 # name -> family module (rsd_jax.models.<family>). Each family module has `MODELS`: name -> constructor kwargs,
 # and `build(**kwargs) -> nn.Module`.
 _FAMILY_OF = {
@@ -24,7 +26,7 @@ _FAMILY_OF = {
 }
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     pass
 
 

@@ -1,0 +1,5 @@
+"""User errors: the CLIs print their message as one line and exit 2, without a traceback."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, paths, checkpoints), not a bug in rsd_jax."""
