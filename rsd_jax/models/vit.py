@@ -1,0 +1,165 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) and DeiT, with timm's `VisionTransformer` names and numerics.
+
+Patch embedding (`patch_embed.proj`, a stride-`patch_size` conv), a class token and a learned position embedding
+over CLS + patches, `depth` pre-norm blocks (`norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`),
+a final LayerNorm (eps 1e-6 throughout) and a linear `head` on the CLS token (timm's global_pool='token').
+
+Features: `stage1..4` are the outputs of blocks `stage_blocks` (tokens (B, 1 + patches, D), CLS included, before
+the final norm, as the reference's feature list); `pre_logits` is the CLS token after the final norm.
+Dropout follows timm 1.x: `drop_rate` is the head dropout; position/projection/attention dropouts are separate.
+"""
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rsd_jax.models import layers
+
+MODELS = {
+    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "deit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+}
+
+# The reference's stage indices for depth 12 (RSD_SPEC §3): block outputs 1, 3, 9, 11.
+REFERENCE_STAGE_BLOCKS = (1, 3, 9, 11)
+
+LayerNorm = lambda name: nn.LayerNorm(epsilon=1e-6, name=name)   # noqa: E731  (timm ViT: eps 1e-6)
+Dense = lambda features, name, **kw: nn.Dense(features, kernel_init=layers.trunc_normal_02,  # noqa: E731
+                                              bias_init=nn.initializers.zeros, name=name, **kw)
+
+
+def default_stage_blocks(depth):
+    """Blocks whose outputs are stage1..4: the reference's (1, 3, 9, 11) at depth 12; other depths scale these
+    block counts (2, 4, 10, 12)/12 proportionally, keep the indices increasing where depth allows (depth >= 4) and
+    always end at the last block. E.g. depth 4 -> (0, 1, 2, 3), depth 6 -> (0, 1, 4, 5), depth 24 -> (3, 7, 19, 23).
+    """
+    out, prev = [], -1
+    for s, count in enumerate((2, 4, 10, 12)):
+        i = depth - 1 if s == 3 else int(math.floor(count * depth / 12 + 0.5)) - 1
+        i = min(max(i, prev + 1), depth - 1)
+        out.append(i)
+        prev = i
+    return tuple(out)
+
+
+def torch_conv_init(fan_in):
+    """torch.nn.Conv2d's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (timm leaves the patch conv at it)."""
+    bound = fan_in ** -0.5
+    return lambda key, shape, dtype=jnp.float32: nn.initializers.uniform(2 * bound)(key, shape, dtype) - bound
+
+
+class PatchEmbed(nn.Module):
+    patch_size: int
+    embed_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        p, fan_in = self.patch_size, self.patch_size ** 2 * x.shape[-1]
+        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", kernel_init=torch_conv_init(fan_in),
+                    bias_init=torch_conv_init(fan_in), name="proj")(x)
+        return x.reshape(x.shape[0], -1, x.shape[-1])   # row-major patches, as torch's flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    num_heads: int
+    qkv_bias: bool = True
+    attn_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        b, n, d = x.shape
+        h = self.num_heads
+        qkv = Dense(3 * d, "qkv", use_bias=self.qkv_bias)(x).reshape(b, n, 3, h, d // h)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                 # (B, N, H, hd)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (d // h) ** -0.5, k)
+        weights = nn.Dropout(self.attn_drop_rate, deterministic=not train)(jax.nn.softmax(logits, axis=-1))
+        y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, d)
+        y = Dense(d, "proj")(y)
+        return nn.Dropout(self.proj_drop_rate, deterministic=not train)(y)
+
+
+class Mlp(nn.Module):
+    hidden: int
+    drop_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        d = x.shape[-1]
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(layers.gelu(Dense(self.hidden, "fc1")(x)))
+        return nn.Dropout(self.drop_rate, deterministic=not train)(Dense(d, "fc2")(x))
+
+
+class Block(nn.Module):
+    num_heads: int
+    mlp_hidden: int
+    qkv_bias: bool = True
+    attn_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    drop_path: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        y = Attention(self.num_heads, self.qkv_bias, self.attn_drop_rate, self.proj_drop_rate, name="attn")(
+            LayerNorm("norm1")(x), train)
+        x = x + layers.DropPath(self.drop_path)(y, train)
+        y = Mlp(self.mlp_hidden, self.proj_drop_rate, name="mlp")(LayerNorm("norm2")(x), train)
+        return x + layers.DropPath(self.drop_path)(y, train)
+
+
+class VisionTransformer(nn.Module):
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    num_classes: int = 1000
+    drop_rate: float = 0.0          # head dropout (timm 1.x meaning)
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0     # after attn.proj and in the MLP
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0     # stochastic depth, linear from 0 at block 0 to this at the last block
+    stage_blocks: Optional[Sequence[int]] = None   # None: default_stage_blocks(depth)
+
+    def reference_stage_indices(self):
+        # The reference's feature list is the block outputs then the normed CLS, so a block index is its index.
+        return tuple(self.stage_blocks) if self.stage_blocks is not None else default_stage_blocks(self.depth)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.img_size % self.patch_size or x.shape[1] != self.img_size or x.shape[2] != self.img_size:
+            raise ValueError(f"ViT expects {self.img_size}x{self.img_size} inputs divisible by patch "
+                             f"{self.patch_size}, got {x.shape[1]}x{x.shape[2]}")
+        stage_blocks = self.reference_stage_indices()
+        if len(stage_blocks) != 4 or not all(0 <= i < self.depth for i in stage_blocks):
+            raise ValueError(f"stage_blocks must be 4 block indices in [0, {self.depth}), got {stage_blocks}")
+        d = self.embed_dim
+        x = PatchEmbed(self.patch_size, d, name="patch_embed")(x)
+        cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d))
+        pos = self.param("pos_embed", layers.trunc_normal_02, (1, x.shape[1] + 1, d))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)).astype(x.dtype), x], axis=1) + pos
+        x = nn.Dropout(self.pos_drop_rate, deterministic=not train)(x)
+
+        features = {}
+        for i in range(self.depth):
+            rate = self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0   # torch.linspace
+            x = Block(self.num_heads, int(d * self.mlp_ratio), self.qkv_bias, self.attn_drop_rate,
+                      self.proj_drop_rate, rate, name=f"blocks_{i}")(x, train)
+            for s, b in enumerate(stage_blocks, start=1):
+                if b == i:
+                    features[f"stage{s}"] = x
+
+        x = LayerNorm("norm")(x)
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x[:, 0])
+        features["pre_logits"] = x
+        return Dense(self.num_classes, "head")(x), features
+
+
+def build(**kwargs):
+    # Overrides read back from JSON arrive as lists; keep the module hashable.
+    return VisionTransformer(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})

@@ -1,0 +1,99 @@
+"""ResNet parity with timm 1.x (random weights, randomised BatchNorm statistics), train mode and stochastic depth."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+
+from rsd_jax import models
+from timm_parity import max_rel_err, port, randomize_batchnorm_stats
+
+TINY = dict(widths=(16, 32, 64, 128), layers=(1, 1, 1, 1), img_size=32)   # the lead's demo student
+TINY_BOTTLENECK = dict(widths=(8, 16, 32, 64), layers=(1, 2, 1, 1), img_size=32)
+
+
+def timm_resnet(name, seed, **timm_kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model(name, **timm_kwargs).eval()
+    randomize_batchnorm_stats(model, seed)
+    return model
+
+
+def timm_outputs(model, x):
+    """logits, pre_logits and layer1..4 outputs (NHWC) of a timm ResNet."""
+    stages = []
+    hooks = [getattr(model, f"layer{s}").register_forward_hook(lambda m, i, o: stages.append(o)) for s in (1, 2, 3, 4)]
+    with torch.no_grad():
+        feats = model.forward_features(torch.from_numpy(x))
+        pre, logits = model.forward_head(feats, pre_logits=True), model.forward_head(feats)
+    for h in hooks:
+        h.remove()
+    return logits.numpy(), pre.numpy(), [s.numpy().transpose(0, 2, 3, 1) for s in stages]
+
+
+def check_parity(tm, name, num_classes, size, batch, seed, **overrides):
+    fm, variables = port(tm, name, num_classes, **overrides)
+    x = np.random.RandomState(seed).randn(batch, 3, size, size).astype(np.float32)
+    logits, pre, stages = timm_outputs(tm, x)
+    got_logits, feats = jax.jit(lambda v, x: fm.apply(v, x))(variables, x.transpose(0, 2, 3, 1))
+    errs = [max_rel_err(got_logits, logits), max_rel_err(feats["pre_logits"], pre)]
+    errs += [max_rel_err(feats[f"stage{s + 1}"], stages[s]) for s in range(4)]
+    print(name, overrides, "max rel err logits/pre_logits/stage1-4:", ["%.1e" % e for e in errs])
+    assert max(errs) < 1e-4, errs
+    return fm, variables
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_parity_full_size(name):
+    check_parity(timm_resnet(name, 0, num_classes=100), name, 100, 224, 1, seed=0)
+
+
+@pytest.mark.parametrize("block,overrides,timm_kwargs", [
+    ("basic", TINY, dict(channels=(16, 32, 64, 128), layers=(1, 1, 1, 1))),
+    ("bottleneck", TINY_BOTTLENECK, dict(channels=(8, 16, 32, 64), layers=(1, 2, 1, 1))),
+])
+def test_parity_tiny(block, overrides, timm_kwargs):
+    name = "resnet18" if block == "basic" else "resnet50"
+    check_parity(timm_resnet(name, 1, num_classes=10, **timm_kwargs), name, 10, 32, 2, seed=1, **overrides)
+
+
+def test_stage_table_at_224():
+    want = {"resnet18": [(56, 56, 64), (28, 28, 128), (14, 14, 256), (7, 7, 512)],
+            "resnet50": [(56, 56, 256), (28, 28, 512), (14, 14, 1024), (7, 7, 2048)]}
+    for name, shapes in want.items():
+        table = models.stage_table(models.create_model(name, num_classes=100))
+        assert [s.shape for s in table] == shapes
+        assert [s.ref_index for s in table] == [0, 1, 2, 3] and {s.kind for s in table} == {"map"}
+
+
+def test_train_mode_matches_torch_and_updates_batch_stats():
+    """Train-mode BatchNorm: batch statistics in the forward, running averages updated like torch (momentum 0.1)."""
+    tm = timm_resnet("resnet18", 2, num_classes=10, channels=(16, 32, 64, 128), layers=(1, 1, 1, 1))
+    fm, variables = port(tm, "resnet18", 10, **TINY)
+    variables = jax.tree_util.tree_map(np.array, variables)   # copies: port's arrays may alias torch's buffers
+    x = np.random.RandomState(2).randn(4, 3, 32, 32).astype(np.float32)
+    tm.train()
+    with torch.no_grad():
+        want = tm(torch.from_numpy(x)).numpy()
+    (got, _), updates = fm.apply(variables, x.transpose(0, 2, 3, 1), train=True, mutable=["batch_stats"])
+    assert max_rel_err(got, want) < 1e-4
+    new_mean = np.asarray(updates["batch_stats"]["layer1_0"]["bn1"]["mean"])
+    assert not np.allclose(new_mean, variables["batch_stats"]["layer1_0"]["bn1"]["mean"])
+    assert max_rel_err(new_mean, tm.layer1[0].bn1.running_mean.numpy()) < 1e-4
+    assert max_rel_err(updates["batch_stats"]["bn1"]["var"], tm.bn1.running_var.numpy()) < 1e-4
+
+
+def test_drop_path_and_dropout_only_when_enabled():
+    x = jnp.asarray(np.random.RandomState(3).randn(4, 32, 32, 3), jnp.float32)
+
+    def run(model, seed, train=True):
+        variables = model.init(jax.random.key(0), x)
+        out, _ = model.apply(variables, x, train=train, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)})
+        return np.asarray(out[0])
+
+    plain = models.create_model("resnet18", num_classes=10, **TINY)
+    dropped = models.create_model("resnet18", num_classes=10, drop_path_rate=0.5, drop_rate=0.3, **TINY)
+    np.testing.assert_array_equal(run(plain, 1), run(plain, 2))
+    assert not np.allclose(run(dropped, 1), run(dropped, 2))
+    np.testing.assert_array_equal(run(dropped, 1, train=False), run(plain, 1, train=False))
