@@ -90,3 +90,51 @@ def load_model_variables(directory, template):
             from None
     check_tree_shapes(template, tree, directory)
     return jax.tree_util.tree_map(np.asarray, tree)
+
+
+class RunCheckpoints:
+    """A run's checkpoints: `checkpoints/latest` (the two newest) and `checkpoints/best` (the best top-1)."""
+
+    def __init__(self, workdir):
+        root = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self._latest = ocp.CheckpointManager(
+            os.path.join(root, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+        self._best = ocp.CheckpointManager(
+            os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda m: m["top1"], best_mode="max"))
+
+    def latest_step(self, which="latest"):
+        return self._manager(which).latest_step()
+
+    def _manager(self, which):
+        return {"latest": self._latest, "best": self._best}[which]
+
+    def save(self, state, metrics=None, best=False):
+        self._latest.save(int(state.step), args=ocp.args.StandardSave(state))
+        if best:
+            self._best.save(int(state.step), args=ocp.args.StandardSave(state), metrics=dict(metrics))
+
+    def restore(self, abstract_state, which="latest"):
+        manager = self._manager(which)
+        step = manager.latest_step() if which == "latest" else manager.best_step()
+        if step is None:
+            return None
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+    def restore_raw(self, which="latest"):
+        """The saved state as a plain tree (dicts of arrays), without rebuilding the run; None if none."""
+        manager = self._manager(which)
+        step = manager.latest_step() if which == "latest" else manager.best_step()
+        if step is None:
+            return None
+        return manager.restore(step, args=ocp.args.StandardRestore())
+
+    def best_metrics(self):
+        step = self._best.best_step()
+        return None if step is None else self._best.metrics(step)
+
+    def close(self):
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+        self._latest.close()
+        self._best.close()

@@ -1,0 +1,39 @@
+"""The base config: every knob with its default. Pair and demo configs in configs/ start from here."""
+import ml_collections
+
+from rsd_jax import distillers
+
+
+def base_config():
+    c = ml_collections.ConfigDict()
+    c.program = "train"             # "train": one run; "demo": the bundled teacher + three students comparison
+    c.seed = 0                      # parameters, augmentation, dropout and data order
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="digits", image_size=32, batch_size=64, eval_batch_size=128,
+        test_fraction=0.2, labelled_fraction=1.0, split_seed=0,
+        augment=ml_collections.ConfigDict(dict(translate=0)),
+    ))
+    c.student = ml_collections.ConfigDict(dict(model="resnet18", overrides={}))
+    # teacher.path: a model directory (converter output, or `<workdir>/student` of a finished run), or "random".
+    c.teacher = ml_collections.ConfigDict(dict(model="", overrides={}, path=""))
+    c.distill = ml_collections.ConfigDict(dict(
+        method="rsd",
+        gt_loss_weight=1.0,
+        label_smoothing=0.1,
+        # Examples per statistics group for RSD and BatchNorm; 0 = the whole global batch. The reference on
+        # 2 GPUs x 128 images computes them per GPU: group_size=128.
+        group_size=0,
+        **distillers.default_configs(),
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        name="sgd", lr=0.05, momentum=0.9, betas=(0.9, 0.999), eps=1e-8, weight_decay=2e-3,
+        schedule="cosine", epochs=300, warmup_epochs=3, warmup_lr=1e-4, min_lr=1e-3,
+        decay_epochs=30, decay_rate=0.1, clip_grad=0.0,
+    ))
+    c.eval_every_epochs = 1
+    c.checkpoint_every_epochs = 1
+    c.stop_after_epoch = 0          # >0: leave after this epoch's checkpoint (resumable), e.g. for time-limited jobs
+    c.log_every_steps = 10
+    c.progress_bar = True
+    return c

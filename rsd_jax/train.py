@@ -1,0 +1,364 @@
+"""Training and evaluation of one distillation run: `train_and_evaluate(config, workdir)`.
+
+One linear function in banner sections. The student and the method's extra modules are trained; the teacher's
+variables are a separate argument of the step that is never differentiated, updated or checkpointed.
+"""
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rsd_jax import checkpoint, data, distillers, models, optim, sharding
+from rsd_jax.data import augment
+from rsd_jax.errors import UserError
+from rsd_jax.state import TrainState
+
+log = logging.getLogger("rsd_jax")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _overrides(section):
+    """Model overrides from a config section; JSON round trips turn tuples into lists, models want tuples."""
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(section.overrides).items()}
+
+
+def check_workdir(workdir):
+    """Fail early (before any compilation or writing) when the workdir cannot be created or written."""
+    probe = os.path.abspath(workdir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        if not os.path.isdir(probe):
+            raise OSError(f"{probe} is not a directory")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(f"workdir {workdir} is not writable: {e}") from None
+
+
+def build_student(config, num_classes):
+    return models.create_model(config.student.model, num_classes=num_classes, **_overrides(config.student))
+
+
+def load_teacher(config, num_classes):
+    """(teacher module, variables), checked against the config's architecture and the dataset's class count."""
+    path = config.teacher.path
+    if not path:
+        raise UserError(f"method {config.distill.method!r} needs a teacher: set --config.teacher.path "
+                        "(a model directory from convert.from_torch or a finished run's <workdir>/student)")
+    if path == "random":
+        log.warning("teacher.path=random: the teacher is randomly initialised (smoke tests and benchmarks only)")
+        teacher = models.create_model(config.teacher.model, num_classes=num_classes, **_overrides(config.teacher))
+        variables = teacher.init(jax.random.key(config.seed + 1), jnp.zeros(models.input_shape(teacher)))
+        return teacher, variables
+    if not os.path.isdir(path):
+        raise UserError(f"teacher directory {path} does not exist")
+    meta = checkpoint.read_model_metadata(path)
+    if config.teacher.model and meta["model"] != config.teacher.model:
+        raise UserError(f"teacher {path} is a {meta['model']}, but the config names {config.teacher.model}")
+    if meta["num_classes"] != num_classes:
+        raise UserError(f"teacher {path} has {meta['num_classes']} classes, the dataset {num_classes}")
+    return models.load_model(path)
+
+
+def masked_cross_entropy(logits, labels, mask, smoothing):
+    """Label-smoothed CE, (1-e)*NLL + e*mean_c(-log p_c), averaged over the examples whose mask is 1."""
+    num_classes = logits.shape[-1]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+    per_example = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _groups(tree, num_groups):
+    return jax.tree_util.tree_map(lambda x: x.reshape((num_groups, -1) + x.shape[1:]), tree)
+
+
+# ------------------------------------------------------------------------------------------------ run
+@dataclasses.dataclass
+class Run:
+    """Everything a run computes with, built from its config; no state and nothing written."""
+    config: Any
+    mesh: Any
+    dataset: data.Dataset
+    student: Any
+    teacher: Any              # None for methods without a teacher
+    teacher_vars: Any
+    steps_per_epoch: int
+    total_steps: int
+    abstract_state: Any       # ShapeDtypeStructs with shardings
+    init: Callable            # rng -> TrainState (jitted, born sharded)
+    train_step: Callable      # (state, teacher_vars, batch) -> (state, metrics) (jitted, state donated)
+    eval_step: Callable       # (student params, batch_stats, batch) -> metric sums (jitted)
+
+    def train_batch(self, step):
+        batch = data.train_batch(self.dataset.train, self.config.seed, step, self.config.data.batch_size)
+        return sharding.to_global(batch, self.mesh)
+
+    def evaluate(self, state):
+        return evaluate_split(self.eval_step, state.params["student"], state.batch_stats["student"],
+                              self.dataset.test, self.config.data.eval_batch_size, self.mesh)
+
+
+def build_run(config, mesh=None):
+    """Check the config, load data and models, and build the jitted init, train and eval steps."""
+    distillers.check_method(config.distill.method)
+
+    # ---------------------------------------------------------------------------------------- mesh
+    mesh = mesh or sharding.make_mesh()
+    sharding.check_batch_size(config.data.batch_size, mesh)
+    sharding.check_batch_size(config.data.eval_batch_size, mesh)
+    replicated = sharding.replicated(mesh)
+
+    # ---------------------------------------------------------------------------------------- data
+    dataset = data.load(config.data)
+    batch_size = config.data.batch_size
+    steps_per_epoch = len(dataset.train) // batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"batch size {batch_size} is larger than the {len(dataset.train)} training images")
+    group_size = config.distill.group_size or batch_size
+    if batch_size % group_size:
+        raise UserError(f"batch size {batch_size} is not a multiple of distill.group_size {group_size}")
+    num_groups = batch_size // group_size
+    train_transform = augment.train_transform(config.data.augment, dataset.mean, dataset.std)
+    eval_transform = augment.eval_transform(config.data.augment, dataset.mean, dataset.std)
+
+    # ---------------------------------------------------------------------------------------- models
+    student = build_student(config, dataset.num_classes)
+    if student.img_size != config.data.image_size:
+        raise UserError(f"student input size {student.img_size} differs from data.image_size "
+                        f"{config.data.image_size}")
+    teacher, teacher_vars = None, None
+    if distillers.needs_teacher(config.distill.method):
+        teacher, teacher_vars = load_teacher(config, dataset.num_classes)
+        teacher_vars = jax.device_put(teacher_vars, replicated)
+    example = jnp.zeros((2,) + models.input_shape(student)[1:])
+    teacher_shapes = jax.eval_shape(lambda v: teacher.apply(v, example, train=False), teacher_vars) \
+        if teacher else None
+    method_config = config.distill.get(config.distill.method)
+    extra = distillers.build(config.distill.method, method_config,
+                             teacher_shapes[1]["pre_logits"].shape[-1] if teacher else 0)
+
+    # ---------------------------------------------------------------------------------------- state
+    tx = optim.create(config.optim, steps_per_epoch)
+
+    def init(rng):
+        student_rng, extra_rng = jax.random.split(rng)
+        variables = student.init(student_rng, example, train=False)
+        params = {"student": variables["params"], "extra": {}}
+        stats = {"student": variables.get("batch_stats", {}), "extra": {}}
+        if extra is not None:
+            student_out = student.apply(variables, example, train=False)
+            teacher_out = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), teacher_shapes)
+            extra_vars = extra.init(extra_rng, student_out, teacher_out, jnp.zeros((2,), jnp.int32), train=False)
+            params["extra"] = extra_vars.get("params", {})
+            stats["extra"] = extra_vars.get("batch_stats", {})
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                          opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+
+    abstract_state = jax.eval_shape(init, jax.random.key(0))
+    state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract_state)
+    abstract_state = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sharding)
+
+    # ---------------------------------------------------------------------------------------- step functions
+    gt_weight = config.distill.gt_loss_weight
+    smoothing = config.distill.label_smoothing
+    lr_schedule = optim.schedule(config.optim, steps_per_epoch)
+
+    def train_step(state, teacher_vars, batch):
+        step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        aug_rng, dropout_rng = jax.random.split(step_rng)
+        images = train_transform(batch["image"], aug_rng)
+        # The teacher sees exactly the student's augmented batch, in inference mode.
+        teacher_out = jax.lax.stop_gradient(teacher.apply(teacher_vars, images, train=False)) if teacher else None
+
+        def group_loss(params, images, labels, mask, teacher_out, rng):
+            # One statistics group: BatchNorm and RSD statistics over these examples only, as one DDP rank.
+            student_out, new_student = student.apply(
+                {"params": params["student"], "batch_stats": state.batch_stats["student"]}, images,
+                train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+            terms = {"ce": gt_weight * masked_cross_entropy(student_out[0], labels, mask, smoothing)}
+            new_extra = state.batch_stats["extra"]
+            if extra is not None:
+                extra_terms, updates = extra.apply(
+                    {"params": params["extra"], "batch_stats": state.batch_stats["extra"]}, student_out,
+                    teacher_out, labels, train=True, mutable=["batch_stats"])
+                terms.update(extra_terms)
+                new_extra = updates.get("batch_stats", new_extra)
+            return sum(terms.values()), (terms, {"student": new_student["batch_stats"], "extra": new_extra})
+
+        def loss_fn(params):
+            losses, aux = jax.vmap(group_loss, in_axes=(None, 0, 0, 0, 0, 0))(
+                params, *_groups((images, batch["label"], batch["label_mask"], teacher_out), num_groups),
+                jax.random.split(dropout_rng, num_groups))
+            # Gradients of the mean over groups = DDP's average of per-rank gradients; the running statistics'
+            # mean over groups = the average the reference's distribute_bn takes.
+            return jnp.mean(losses), jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), aux)
+
+        (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                  batch_stats=new_stats, opt_state=opt_state)
+        metrics = dict(terms, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.tree.norm(grads))
+        return new_state, metrics
+
+    def eval_step(params, batch_stats, batch):
+        logits, _ = student.apply({"params": params, "batch_stats": batch_stats},
+                                  eval_transform(batch["image"]), train=False)
+        return metrics_sums(logits, batch["label"], batch["weight"])
+
+    batch_spec = sharding.batch_sharding(mesh)
+    return Run(
+        config=config, mesh=mesh, dataset=dataset, student=student, teacher=teacher, teacher_vars=teacher_vars,
+        steps_per_epoch=steps_per_epoch, total_steps=config.optim.epochs * steps_per_epoch,
+        abstract_state=abstract_state,
+        init=jax.jit(init, out_shardings=state_sharding),
+        train_step=jax.jit(train_step, in_shardings=(state_sharding, replicated, batch_spec),
+                           out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
+        eval_step=jax.jit(eval_step, out_shardings=replicated))
+
+
+def train_and_evaluate(config, workdir):
+    """Train (or resume) the run in `workdir`; returns its final metrics (also in `workdir/results.json`)."""
+    check_workdir(workdir)
+    run = build_run(config)
+    n_student = sum(x.size for x in jax.tree_util.tree_leaves(run.abstract_state.params["student"]))
+    n_extra = sum(x.size for x in jax.tree_util.tree_leaves(run.abstract_state.params["extra"]))
+    log.info("student %s: %.2fM parameters; %s extra: %.2fM", config.student.model, n_student / 1e6,
+             config.distill.method, n_extra / 1e6)
+
+    # ---------------------------------------------------------------------------------------- resume
+    os.makedirs(workdir, exist_ok=True)
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        with open(config_path + ".tmp", "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        os.replace(config_path + ".tmp", config_path)
+    ckpts = checkpoint.RunCheckpoints(workdir)
+    state = ckpts.restore(run.abstract_state)
+    if state is None:
+        state = run.init(jax.random.key(config.seed))
+    else:
+        log.info("resumed from step %d", int(state.step))
+    best = ckpts.best_metrics()
+    best_top1 = best["top1"] if best else -1.0
+
+    # ---------------------------------------------------------------------------------------- loop
+    # Fake CPU devices deadlock on back-to-back sharded steps unless each step is awaited (MACHINE_NOTES).
+    sync_each_step = jax.default_backend() == "cpu"
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    total_steps, steps_per_epoch, batch_size = run.total_steps, run.steps_per_epoch, config.data.batch_size
+    start_step = int(state.step)
+    bar = _progress(config, total_steps, start_step)
+    epoch_sums, epoch_count, t0, seen = {}, 0, time.time(), 0
+    last_eval = None
+    for step in range(start_step, total_steps):
+        state, metrics = run.train_step(state, run.teacher_vars, run.train_batch(step))
+        if sync_each_step:
+            jax.block_until_ready(state)
+        epoch_sums = metrics if not epoch_sums else jax.tree_util.tree_map(jnp.add, epoch_sums, metrics)
+        epoch_count += 1
+        seen += batch_size
+        if bar is not None and ((step + 1) % config.log_every_steps == 0 or step + 1 == total_steps):
+            m = jax.device_get(metrics)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{seen / (time.time() - t0):.1f}")
+        if bar is not None:
+            bar.update(1)
+
+        if (step + 1) % steps_per_epoch:
+            continue
+        # ------------------------------------------------------------------------------------ epoch end
+        epoch = (step + 1) // steps_per_epoch
+        train_metrics = {k: float(v) / epoch_count for k, v in jax.device_get(epoch_sums).items()}
+        if not np.isfinite(train_metrics["loss"]):
+            bad = [k for k, v in train_metrics.items() if not np.isfinite(v)]
+            raise UserError(f"non-finite training loss in epoch {epoch} (terms: {', '.join(bad)}); "
+                            "the last good checkpoint is kept")
+        record = {"epoch": epoch, "step": step + 1, **{f"train_{k}": v for k, v in train_metrics.items()},
+                  "images_per_s": seen / (time.time() - t0)}
+        is_last = step + 1 == total_steps
+        if epoch % config.eval_every_epochs == 0 or is_last:
+            last_eval = run.evaluate(state)
+            record.update(last_eval)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if epoch % config.checkpoint_every_epochs == 0 or is_last:
+            improved = "top1" in record and record["top1"] > best_top1
+            ckpts.save(state, {"top1": record.get("top1", -1.0)}, best=improved)
+            best_top1 = max(best_top1, record.get("top1", -1.0))
+        if bar is not None:
+            bar.write(_format_record(record))
+        else:
+            log.info(_format_record(record))
+        epoch_sums, epoch_count, t0, seen = {}, 0, time.time(), 0
+        if config.stop_after_epoch and epoch >= config.stop_after_epoch and not is_last:
+            log.info("stopping after epoch %d as configured; run the same command again to resume", epoch)
+            ckpts.close()
+            return None
+    if bar is not None:
+        bar.close()
+    ckpts.close()
+
+    # ---------------------------------------------------------------------------------------- results
+    if last_eval is None:
+        last_eval = run.evaluate(state)
+    best = ckpts.best_metrics()
+    results = dict(last_eval, best_top1=best["top1"] if best else last_eval["top1"], steps=int(state.step))
+    student_dir = os.path.join(workdir, "student")
+    if not os.path.exists(student_dir):
+        models.save_model(student_dir, config.student.model, run.dataset.num_classes,
+                          {"params": state.params["student"], "batch_stats": state.batch_stats["student"]},
+                          overrides=_overrides(config.student), source=os.path.abspath(workdir))
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def metrics_sums(logits, labels, weight):
+    """Weighted sums of correct top-1, top-5 and cross-entropy over a batch (padding has weight 0)."""
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    k = min(5, logits.shape[-1])
+    topk = jax.lax.top_k(logits, k)[1]
+    top1 = (topk[:, 0] == labels).astype(jnp.float32)
+    top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+    return {"top1": jnp.sum(top1 * weight), "top5": jnp.sum(top5 * weight), "loss": jnp.sum(ce * weight),
+            "count": jnp.sum(weight)}
+
+
+def evaluate_split(eval_step, params, batch_stats, split, batch_size, mesh):
+    """top1/top5 in percent and mean loss over a whole split."""
+    totals = None
+    for batch in data.eval_batches(split, batch_size):
+        sums = eval_step(params, batch_stats, sharding.to_global(batch, mesh))
+        sums = jax.device_get(sums)
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+    count = float(totals["count"])
+    return {"top1": 100.0 * float(totals["top1"]) / count, "top5": 100.0 * float(totals["top5"]) / count,
+            "loss": float(totals["loss"]) / count}
+
+
+def _progress(config, total_steps, start_step):
+    if not config.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+
+
+def _format_record(r):
+    parts = [f"epoch {r['epoch']}", f"loss {r['train_loss']:.4f}"]
+    parts += [f"{k[6:]} {v:.4f}" for k, v in r.items() if k.startswith("train_") and k not in
+              ("train_loss", "train_lr", "train_grad_norm")]
+    if "top1" in r:
+        parts += [f"top1 {r['top1']:.2f}", f"top5 {r['top5']:.2f}"]
+    parts.append(f"{r['images_per_s']:.1f} img/s")
+    return " | ".join(parts)
