@@ -1,5 +1,8 @@
 """Test set-up: 8 fake CPU devices and a persistent compilation cache, fixed before jax is imported."""
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""),

@@ -1,0 +1,144 @@
+"""The training program: sharded steps, the frozen teacher, resume, evaluation, the CLI's handling of bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from rsd_jax import models, train
+from rsd_jax.evaluate import evaluate_workdir
+from tiny import TINY_TEACHER, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def run_steps(run, n):
+    state = run.init(jax.random.key(0))
+    for step in range(n):
+        state, metrics = run.train_step(state, run.teacher_vars, run.train_batch(step))
+        jax.block_until_ready(state)   # fake CPU devices deadlock on back-to-back sharded steps otherwise
+    return state, metrics
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A (random) tiny teacher saved as a model directory, the format the converter and training write."""
+    path = str(tmp_path_factory.mktemp("teacher") / "vit")
+    model = models.create_model(TINY_TEACHER["model"], num_classes=10, **TINY_TEACHER["overrides"])
+    variables = model.init(jax.random.key(3), np.zeros((1, 16, 16, 3), np.float32))
+    models.save_model(path, TINY_TEACHER["model"], 10, variables, overrides=TINY_TEACHER["overrides"])
+    return path
+
+
+def test_eight_devices_match_one_device_with_statistics_groups(teacher_dir):
+    assert jax.device_count() == 8
+    config = tiny_config("rsd", teacher_dir)
+    config.distill.group_size = 8          # 4 groups of 8: per-group BatchNorm and RSD statistics
+    one = train.build_run(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    eight = train.build_run(config, Mesh(np.asarray(jax.devices()), ("data",)))
+    state1, metrics1 = run_steps(one, 3)
+    state8, metrics8 = run_steps(eight, 3)
+    assert len(state8.params["student"]["fc"]["kernel"].sharding.device_set) == 8
+    for a, b in zip(leaves((state1.params, state1.batch_stats)), leaves((state8.params, state8.batch_stats))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(metrics1["rsd"]), float(metrics8["rsd"]), rtol=1e-5)
+    # The groups matter: whole-batch statistics give another loss.
+    config.distill.group_size = 0
+    _, whole = run_steps(train.build_run(config, Mesh(np.asarray(jax.devices()[:1]), ("data",))), 1)
+    _, grouped = run_steps(one, 1)
+    assert abs(float(whole["rsd"]) - float(grouped["rsd"])) > 1e-3
+
+
+def test_teacher_is_bit_identical_after_training(teacher_dir):
+    run = train.build_run(tiny_config("rsd", teacher_dir))
+    before = leaves(run.teacher_vars)
+    _, metrics = run_steps(run, 3)
+    assert float(metrics["rsd"]) > 0
+    after = leaves(run.teacher_vars)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    _, on_disk = models.load_model(teacher_dir)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(on_disk), after))
+
+
+def test_resume_equals_uninterrupted_and_evaluate_reproduces(tmp_path, teacher_dir):
+    config = tiny_config("rsd", teacher_dir, epochs=2)
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+
+    stopped = tiny_config("rsd", teacher_dir, epochs=2)
+    stopped.stop_after_epoch = 1
+    assert train.train_and_evaluate(stopped, str(tmp_path / "resumed")) is None
+    assert not os.path.exists(tmp_path / "resumed" / "student")
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+    _, a = models.load_model(str(tmp_path / "full" / "student"))
+    _, b = models.load_model(str(tmp_path / "resumed" / "student"))
+    assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+    assert resumed["top1"] == full["top1"]
+
+    again = evaluate_workdir(str(tmp_path / "full"))
+    assert again["top1"] == full["top1"] and again["top5"] == full["top5"]
+    np.testing.assert_allclose(again["loss"], full["loss"], rtol=1e-6)
+    lines = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [r["epoch"] for r in lines] == [1, 2] and lines[-1]["top1"] == full["top1"]
+
+
+def run_cli(*args, cwd=REPO):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def demo_smoke_args(workdir, *extra):
+    return ("rsd_jax.main", "--config", "configs/demo.py:smoke", "--workdir", workdir,
+            "--config.progress_bar=False", *extra)
+
+
+def test_demo_smoke_and_evaluate_cli(tmp_path):
+    out = run_cli(*demo_smoke_args(str(tmp_path / "demo")))
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.load(open(tmp_path / "demo" / "results.json"))
+    for key in ("teacher_top1", "scratch_top1", "kd_top1", "rsd_top1"):
+        assert 0 <= results[key] <= 100
+    assert "teacher" in out.stdout and "rsd" in out.stdout
+    ev = run_cli("rsd_jax.evaluate", "--workdir", str(tmp_path / "demo" / "rsd_seed0"), "--json")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert abs(json.loads(ev.stdout.strip().splitlines()[-1])["top1"] - results["rsd_top1"]) < 1e-9
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "missing_teacher", "wrong_arch", "wrong_classes", "unwritable",
+                                  "missing_config", "bad_value"])
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, teacher_dir, case):
+    workdir = str(tmp_path / "run")
+    train_args = ("rsd_jax.main", "--config", "configs/demo.py:smoke", "--workdir", workdir,
+                  "--config.program=train", "--config.teacher.model=vit_small_patch16_224",
+                  f"--config.teacher.path={teacher_dir}")
+    args = {
+        "unknown_key": train_args + ("--config.optim.not_a_key=1",),
+        "missing_teacher": train_args + ("--config.teacher.path=/nonexistent/teacher",),
+        "wrong_arch": train_args + ("--config.teacher.model=swin_tiny_patch4_window7_224",),
+        "wrong_classes": train_args,    # the teacher fixture has 10 classes; see below
+        "unwritable": ("rsd_jax.main", "--config", "configs/demo.py:smoke", "--workdir", "/proc/rsd_jax_run"),
+        "missing_config": ("rsd_jax.main", "--config", "configs/nope.py", "--workdir", workdir),
+        "bad_value": train_args + ("--config.optim.lr=fast",),
+    }[case]
+    if case == "wrong_classes":
+        teacher100 = str(tmp_path / "teacher100")
+        meta_src = json.load(open(os.path.join(teacher_dir, "model.json")))
+        os.makedirs(teacher100)
+        os.symlink(os.path.join(teacher_dir, "variables"), os.path.join(teacher100, "variables"))
+        json.dump(dict(meta_src, num_classes=100), open(os.path.join(teacher100, "model.json"), "w"))
+        args = train_args + (f"--config.teacher.path={teacher100}",)
+    out = run_cli(*args)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not os.path.exists(workdir)
