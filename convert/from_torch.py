@@ -1,0 +1,361 @@
+"""Convert a timm / reference PyTorch checkpoint into a Flax model directory.
+
+    python -m convert.from_torch CKPT.pth --out DIR [--model NAME] [--num-classes N] [--use-ema]
+                                 [--override KEY=VALUE ...] [--verify]
+
+Reads raw state_dicts and the wrappers timm and the reference write (`state_dict`, `state_dict_ema`, `model`;
+`module.` and `_orig_mod.` prefixes), in the timm 0.6.x or 1.x layout, without executing code from the file
+(`torch.load(weights_only=True)`; Python objects other than tensors, such as the reference's argparse Namespace,
+load as inert placeholders). Without --model/--num-classes they are inferred from the keys and shapes. `--override`
+sets architecture options the checkpoint was built with (e.g. `--override num_heads=4`; inferred where the shapes
+tell). The output (`rsd_jax.models.load_model(DIR)`) holds params and batch_stats plus model.json: model name,
+num_classes, overrides, source path and SHA-256, detected layout.
+
+Library use: `convert_state_dict(state_dict, model_name, num_classes=None) -> variables`.
+"""
+import argparse
+import ast
+import hashlib
+import os
+import sys
+import time
+import zipfile
+
+import numpy as np
+
+from convert import core
+from rsd_jax import models
+from rsd_jax.errors import UserError
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")   # DistributedDataParallel / DataParallel, torch.compile
+
+
+class ConvertError(UserError, ValueError):
+    """A checkpoint that cannot be read or does not fit; the CLI prints it as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a checkpoint file without executing it
+
+class _Opaque:
+    """Placeholder for a pickled Python object that is not a tensor (training arguments, custom classes): it
+    records what it was given and runs nothing, so a checkpoint cannot execute code through it."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<{type(self).__name__} placeholder>"
+
+
+def load_checkpoint(path):
+    """The object in a torch.save file, loaded with weights_only=True."""
+    import argparse as argparse_module
+
+    import torch
+    if not os.path.exists(path):
+        raise ConvertError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: not a file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (zipfile.is_zipfile(path) or magic[:1] == b"\x80"):   # torch.save writes a zip (or, before 1.6, a pickle)
+        kind = "a truncated or damaged torch zip archive" if magic == b"PK\x03\x04" else "not a torch checkpoint"
+        raise ConvertError(f"{path}: {kind} (torch.save files are zip archives)")
+    allowed = [argparse_module.Namespace]   # the reference's training checkpoints store their args
+    try:
+        with torch.serialization.safe_globals(allowed):
+            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not readable this way: torch.load below says what is wrong
+        unknown = []
+    # Anything else that is not a tensor becomes an inert placeholder instead of running its code.
+    allowed += [(type(name.rsplit(".", 1)[-1], (_Opaque,), {}), name) for name in unknown]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        lines = [line.strip() for line in str(e).splitlines()]
+        refused = next((line for line in lines if "GLOBAL" in line), None)
+        if refused:   # e.g. os.system, which torch never unpickles, whatever is allowed
+            raise ConvertError(f"{path}: refusing to load it, it would run code ({refused})") from None
+        raise ConvertError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_tensor(v):
+    return hasattr(v, "shape") and hasattr(v, "dtype") and not isinstance(v, (dict, list, tuple))
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and _is_tensor(v) for k, v in obj.items())
+
+
+def extract_state_dict(obj, use_ema=False):
+    """(state_dict, where it was found): the wrappers timm's `load_checkpoint` accepts, in its order."""
+    if not isinstance(obj, dict):
+        raise ConvertError(f"the file holds a {type(obj).__name__}, not a state_dict or a checkpoint dict "
+                           "(save `model.state_dict()`, not the model)")
+    if use_ema:
+        if _is_state_dict(obj):
+            raise ConvertError("--use-ema: the file is a plain state_dict, with no 'state_dict_ema'")
+        if "state_dict_ema" not in obj:
+            raise ConvertError(f"--use-ema: no 'state_dict_ema' in the checkpoint (keys: {_keys(obj)})")
+        candidates = ["state_dict_ema"]
+    else:
+        candidates = [k for k in ("state_dict", "model") if k in obj]
+    for key in candidates:
+        if _is_state_dict(obj[key]):
+            return dict(obj[key]), key
+        raise ConvertError(f"checkpoint entry {key!r} is not a state_dict of tensors")
+    if _is_state_dict(obj):
+        return dict(obj), "raw state_dict"
+    raise ConvertError(f"no state_dict found: not a dict of tensors and no 'state_dict'/'model' entry "
+                       f"(keys: {_keys(obj)})")
+
+
+def _keys(obj, limit=12):
+    keys = [repr(k) for k in list(obj)[:limit]]
+    return ", ".join(keys) + (", ..." if len(obj) > limit else "")
+
+
+def strip_prefixes(state_dict):
+    """Remove `module.` / `_orig_mod.` prefixes shared by every key (possibly nested)."""
+    while state_dict:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def to_numpy(value):
+    """A numpy copy (never a view of the caller's tensor); floating point as float32, the models' dtype."""
+    if hasattr(value, "detach"):   # a torch tensor; duck-typed so the library path needs no torch import
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.float()
+        value = value.numpy()
+    value = np.array(value, copy=True)
+    return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which model: inference over every family's table
+
+def family_tables():
+    """{family: table module} for every family in the registry that has a table (others are skipped)."""
+    tables = {}
+    for family in sorted(set(models._FAMILY_OF.values())):
+        try:
+            tables[family] = core.family_table(family)
+        except ModuleNotFoundError as e:
+            if e.name != f"convert.tables.{family}":
+                raise
+    return tables
+
+
+def infer_model(state_dict):
+    """(model_name, num_classes, overrides) recognised from the keys and shapes, or a ConvertError."""
+    found = []
+    for family, table in family_tables().items():
+        result = table.infer(state_dict) if hasattr(table, "infer") else None
+        if result is not None:
+            name, num_classes, *rest = result
+            found.append((name, int(num_classes), dict(rest[0]) if rest else {}))
+    if not found:
+        raise ConvertError("cannot tell which model this checkpoint is for; pass --model "
+                           f"(known: {', '.join(models.list_models())})")
+    if len(found) > 1:
+        raise ConvertError(f"the checkpoint fits several models ({', '.join(f[0] for f in found)}); pass --model")
+    return found[0]
+
+
+def _classifier_leaves(model_name, overrides, table):
+    """{torch key: axis} of the leaves whose size is the class count (found by building two class counts)."""
+    shapes = []
+    for n in (1000, 1001):
+        flat = core._flat_template(models.init_shapes(models.create_model(model_name, n, **overrides)))
+        name_of = getattr(table, "torch_name", None) or core.torch_name
+        shapes.append({name_of(c, p): core.to_torch_array(p[-1], np.broadcast_to(np.float32(0), s)).shape
+                       for c, p, s in flat})
+    return {k: next(i for i, (a, b) in enumerate(zip(s, shapes[1][k])) if a != b)
+            for k, s in shapes[0].items() if s != shapes[1][k]}
+
+
+def checkpoint_num_classes(state_dict, model_name, overrides, table):
+    """The class count of `state_dict` as `model_name` reads it; None where its classifier keys are absent."""
+    for key, axis in _classifier_leaves(model_name, overrides, table).items():
+        if key in state_dict and len(state_dict[key].shape) > axis:
+            return int(state_dict[key].shape[axis]), key
+    return None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion
+
+def convert(state_dict, model_name, num_classes=None, overrides=None):
+    """(variables, info): info holds num_classes, layout and overrides. Raises ConvertError listing every problem."""
+    overrides = dict(overrides or {})
+    try:
+        family = models.family_of(model_name)
+    except models.UnknownModelError as e:
+        raise ConvertError(str(e)) from None
+    try:
+        table = core.family_table(family)
+    except ModuleNotFoundError:
+        raise ConvertError(f"no converter table for the {family} family (convert/tables/{family}.py)") from None
+    try:
+        models.model_kwargs(model_name, **overrides)
+    except models.UnknownModelError as e:
+        raise ConvertError(str(e)) from None
+    state_dict = strip_prefixes({k: to_numpy(v) for k, v in state_dict.items()})
+    if hasattr(table, "normalize"):
+        state_dict, layout = table.normalize(state_dict)
+    else:
+        layout = "timm-1.x"
+    found, key = checkpoint_num_classes(state_dict, model_name, overrides, table)
+    if num_classes is not None and found is not None and found != num_classes:
+        raise ConvertError(f"the checkpoint has {found} classes ({key} {tuple(state_dict[key].shape)}), "
+                           f"not {num_classes}")
+    num_classes = num_classes if num_classes is not None else found
+    if num_classes is None:
+        raise ConvertError(f"cannot find the classifier of {model_name} in the checkpoint to count its classes; "
+                           "pass --num-classes")
+    model = models.create_model(model_name, num_classes=num_classes, **overrides)
+    try:
+        variables = core.state_dict_to_variables(state_dict, models.init_shapes(model), table)
+    except core.ConversionError as e:
+        raise ConvertError(f"the checkpoint does not fit {_describe(model_name, overrides)}"
+                           f"{_looks_like(state_dict, model_name, overrides)}: {e}") from None
+    return variables, dict(num_classes=num_classes, layout=layout, overrides=overrides)
+
+
+def _describe(name, overrides):
+    return name + (f" with {overrides}" if overrides else "")
+
+
+def _looks_like(state_dict, model_name, overrides):
+    try:
+        name, _, inferred = infer_model(state_dict)
+    except (UserError, ValueError):
+        return ""
+    if (name, inferred) == (model_name, overrides):
+        return ""
+    return f" (it looks like {_describe(name, inferred)})"
+
+
+def convert_state_dict(state_dict, model_name, num_classes=None, overrides=None):
+    """Flax variables (params, batch_stats) of `model_name` holding `state_dict` (torch tensors or numpy arrays,
+    timm 0.6.x or 1.x layout, wrapper prefixes allowed). `num_classes`, if given, must match the checkpoint."""
+    return convert(state_dict, model_name, num_classes, overrides)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+def parse_overrides(items):
+    """`KEY=VALUE` strings; VALUE is a Python literal (`4`, `(1, 1, 1, 1)`, `0.1`) or else a plain string."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConvertError(f"--override {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+        if isinstance(out[key.strip()], list):
+            out[key.strip()] = tuple(out[key.strip()])
+    return out
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m convert.from_torch", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a .pth/.pth.tar/.bin file written by torch.save")
+    p.add_argument("--out", required=True, help="output model directory (must not exist)")
+    p.add_argument("--model", help=f"model name (inferred if omitted): {', '.join(models.list_models())}")
+    p.add_argument("--num-classes", type=int, help="class count (inferred if omitted; checked if given)")
+    p.add_argument("--use-ema", action="store_true", help="convert 'state_dict_ema' instead of 'state_dict'")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE",
+                   help="architecture option the checkpoint was built with (repeatable)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare logits and pre-logits with timm on a random input (needs timm)")
+    return p
+
+
+def run(args):
+    start = time.perf_counter()
+    out = os.path.abspath(args.out)
+    if os.path.exists(out):
+        raise ConvertError(f"{args.out} already exists; choose another --out or remove it")
+    explicit = parse_overrides(args.override)
+    obj = load_checkpoint(args.checkpoint)
+    state_dict, found_in = extract_state_dict(obj, args.use_ema)
+    state_dict = strip_prefixes(state_dict)
+
+    name, overrides = args.model, dict(explicit)
+    if name is None:
+        name, inferred_classes, inferred = infer_model(state_dict)
+        overrides = {**inferred, **explicit}
+        print(f"inferred model: {name}, {inferred_classes} classes"
+              + (f", overrides {inferred}" if inferred else "") + " (from the checkpoint's keys and shapes)")
+    else:
+        models_family = _family_or_error(name)
+        try:
+            inferred_name, _, inferred = infer_model(state_dict)
+        except ConvertError:
+            inferred_name, inferred = None, {}
+        if inferred_name is not None and models.family_of(inferred_name) != models_family:
+            raise ConvertError(f"the checkpoint is a {inferred_name} ({models.family_of(inferred_name)} family), "
+                               f"not a {name}; pass --model {inferred_name} or leave --model out")
+        if inferred_name == name and inferred:
+            overrides = {**inferred, **explicit}
+            print(f"inferred overrides for {name}: {inferred}")
+    variables, info = convert(state_dict, name, args.num_classes, overrides)
+    if args.num_classes is None and args.model is not None:
+        print(f"inferred num_classes: {info['num_classes']}")
+    if args.verify:
+        from convert import verify
+        verify.check(name, info["num_classes"], info["overrides"], variables)
+    models.save_model(out, name, info["num_classes"], variables, overrides=info["overrides"],
+                      source=os.path.abspath(args.checkpoint), source_entry=found_in,
+                      source_sha256=file_sha256(args.checkpoint), layout=info["layout"])
+    print(f"wrote {args.out}: {_describe(name, info['overrides'])}, {info['num_classes']} classes, "
+          f"{len(state_dict)} tensors from {found_in}, layout {info['layout']} "
+          f"({time.perf_counter() - start:.1f} s)")
+
+
+def _family_or_error(name):
+    try:
+        return models.family_of(name)
+    except models.UnknownModelError as e:
+        raise ConvertError(str(e)) from None
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except (UserError, core.ConversionError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
