@@ -1,4 +1,6 @@
 """Shared parity check: a random-init timm model, ported through the converter, against the Flax model."""
+import re
+
 import numpy as np
 import torch
 
@@ -37,3 +39,19 @@ def max_rel_err(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, (got.shape, want.shape)
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12))
+
+
+def randomize_params(module, seed, pattern, mean=0.0, std=0.1):
+    """Overwrite parameters whose name matches `pattern` (regex) with mean + std * N(0, 1).
+
+    timm initialises some parameters to values that hide bugs from a parity test (layer scales at 1e-6, zero
+    classifier heads, unit affine norms): give them random values so every branch contributes to the output.
+    """
+    g = torch.Generator().manual_seed(seed)
+    hit = 0
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if re.search(pattern, name):
+                p.copy_(mean + std * torch.randn(p.shape, generator=g))
+                hit += 1
+    assert hit, f"no parameter matches {pattern!r}"
