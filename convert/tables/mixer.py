@@ -1,0 +1,56 @@
+"""MLP-Mixer / ResMLP key table: timm 0.6.x and 1.x share one layout (RSD_SPEC §6.3) and the default name rule
+covers it (Affine `alpha`/`beta` and ResMLP `ls1`/`ls2` keep their names), so there are no renames."""
+import math
+import re
+
+from rsd_jax.models import mixer
+
+_NAME_OF_BLOCK = {"mixer": "mixer_b16_224", "resmlp": "resmlp_12_224"}
+# Options timm's registered mixer_b16_224 / resmlp_12_224 fix in their entry points (a duplicate kwarg there).
+_FIXED_IN_TIMM = ("block", "patch_size", "embed_dim", "depth", "mlp_ratio_tokens", "mlp_ratio_channels")
+
+
+def normalize(state_dict):
+    return dict(state_dict), "timm-1.x"
+
+
+def _ratio(hidden, dim):
+    """A ratio r with int(r * dim) == hidden, as timm sizes the MLPs."""
+    r = hidden / dim
+    return r if int(r * dim) == hidden else (hidden + 0.5) / dim
+
+
+def infer(state_dict):
+    """(model name, num_classes, overrides) of a timm Mixer/ResMLP state_dict, or None if it is neither."""
+    if not {"stem.proj.weight", "head.weight"} <= set(state_dict):
+        return None
+    if "blocks.0.mlp_tokens.fc1.weight" in state_dict:
+        block, seq_len = "mixer", int(state_dict["blocks.0.mlp_tokens.fc1.weight"].shape[1])
+    elif "blocks.0.linear_tokens.weight" in state_dict:
+        block, seq_len = "resmlp", int(state_dict["blocks.0.linear_tokens.weight"].shape[0])
+    else:
+        return None
+    embed_dim, _, patch, _ = (int(n) for n in state_dict["stem.proj.weight"].shape)
+    arch = dict(img_size=math.isqrt(seq_len) * patch, patch_size=patch, embed_dim=embed_dim,
+                depth=1 + max(int(m[1]) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))),
+                mlp_ratio_channels=_ratio(int(state_dict["blocks.0.mlp_channels.fc1.weight"].shape[0]), embed_dim))
+    if block == "mixer":
+        arch["mlp_ratio_tokens"] = _ratio(int(state_dict["blocks.0.mlp_tokens.fc1.weight"].shape[0]), embed_dim)
+    name = _NAME_OF_BLOCK[block]
+    default = {k: getattr(mixer.MlpMixer, k) for k in arch} | mixer.MODELS[name]
+    overrides = {k: v for k, v in arch.items() if default[k] != v}
+    return name, int(state_dict["head.weight"].shape[0]), overrides
+
+
+def timm_kwargs(overrides):
+    """timm.create_model kwargs building our model with `overrides`; stage_blocks and init_values change no
+    weight and are left out."""
+    fixed = sorted(k for k in overrides if k in _FIXED_IN_TIMM)
+    if fixed:
+        raise ValueError(f"timm's registered Mixer/ResMLP entry points fix {', '.join(fixed)}")
+    out = {k: v for k, v in overrides.items() if k in ("img_size", "drop_rate", "proj_drop_rate", "drop_path_rate")}
+    if overrides.get("norm_eps", 1e-6) != 1e-6:
+        import functools
+        import torch
+        out["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=overrides["norm_eps"])
+    return out
