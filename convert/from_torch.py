@@ -185,11 +185,19 @@ def infer_model(state_dict):
     return found[0]
 
 
+def template(model_name, num_classes, overrides):
+    """The model's abstract variables; a model the options cannot build is a ConvertError."""
+    try:
+        return models.init_shapes(models.create_model(model_name, num_classes=num_classes, **overrides))
+    except (TypeError, ValueError, ZeroDivisionError, IndexError) as e:
+        raise ConvertError(f"cannot build {_describe(model_name, overrides)}: {_first_line(e)}") from None
+
+
 def _classifier_leaves(model_name, overrides, table):
     """{torch key: axis} of the leaves whose size is the class count (found by building two class counts)."""
     shapes = []
     for n in (1000, 1001):
-        flat = core._flat_template(models.init_shapes(models.create_model(model_name, n, **overrides)))
+        flat = core._flat_template(template(model_name, n, overrides))
         name_of = getattr(table, "torch_name", None) or core.torch_name
         shapes.append({name_of(c, p): core.to_torch_array(p[-1], np.broadcast_to(np.float32(0), s)).shape
                        for c, p, s in flat})
@@ -236,9 +244,9 @@ def convert(state_dict, model_name, num_classes=None, overrides=None):
     if num_classes is None:
         raise ConvertError(f"cannot find the classifier of {model_name} in the checkpoint to count its classes; "
                            "pass --num-classes")
-    model = models.create_model(model_name, num_classes=num_classes, **overrides)
+    shapes = template(model_name, num_classes, overrides)
     try:
-        variables = core.state_dict_to_variables(state_dict, models.init_shapes(model), table)
+        variables = core.state_dict_to_variables(state_dict, shapes, table)
     except core.ConversionError as e:
         raise ConvertError(f"the checkpoint does not fit {_describe(model_name, overrides)}"
                            f"{_looks_like(state_dict, model_name, overrides)}: {e}") from None
@@ -314,11 +322,16 @@ def run(args):
         overrides = {**inferred, **explicit}
         print(f"inferred model: {name}, {inferred_classes} classes"
               + (f", overrides {inferred}" if inferred else "") + " (from the checkpoint's keys and shapes)")
+        guessed = [k for k in getattr(core.family_table(models.family_of(name)), "GUESSED", ()) if k in inferred
+                   and k not in explicit]
+        for k in guessed:
+            print(f"note: {k}={inferred[k]!r} is a guess, the weights do not show it; "
+                  f"pass --override {k}=N if the model was built with another value")
     else:
         models_family = _family_or_error(name)
         try:
             inferred_name, _, inferred = infer_model(state_dict)
-        except ConvertError:
+        except (ConvertError, core.ConversionError):
             inferred_name, inferred = None, {}
         if inferred_name is not None and models.family_of(inferred_name) != models_family:
             raise ConvertError(f"the checkpoint is a {inferred_name} ({models.family_of(inferred_name)} family), "

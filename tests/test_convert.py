@@ -182,7 +182,9 @@ def test_cli_infers_tiny_vit_given_its_head_count(tmp_path, capsys):
     assert cli(from_torch, tmp_path / "vit.pth", "--out", tmp_path / "out", "--override", "num_heads=4",
                "--verify") == 0
     out = capsys.readouterr().out
-    assert "verify logits: max abs diff" in out and "verify pre_logits" in out
+    assert "verify logits: max abs diff" in out and "verify pre_logits" in out and "note: num_heads" not in out
+    assert cli(from_torch, tmp_path / "vit.pth", "--out", tmp_path / "guessed") == 0
+    assert "note: num_heads=1 is a guess" in capsys.readouterr().out
     flax_model, variables = models.load_model(tmp_path / "out")
     assert flax_model.num_heads == 4 and flax_model.embed_dim == 64
     assert_parity(tm, flax_model, variables, batch=2, seed=2)
@@ -312,6 +314,7 @@ def bad_inputs(d, sd):
         (["good.pth", "--num-classes", "100"], "has 10 classes"),
         (["good.pth", "--use-ema"], "state_dict_ema"),
         (["good.pth", "--model", "resnet18", "--override", "nonsense=1"], "unknown model option"),
+        (["good.pth", "--override", "widths=abc"], "cannot build resnet18"),
     ]
 
 

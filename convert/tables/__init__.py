@@ -6,6 +6,7 @@ A table may define:
   normalize(state_dict) -> (state_dict in timm 1.x layout, layout name "timm-1.x" / "timm-0.6" / ...)
   infer(state_dict) -> (model_name, num_classes) or (model_name, num_classes, overrides) or None
                            recognise a checkpoint of this family from its keys and shapes
+  GUESSED                  names of overrides `infer` may only guess (the CLI prints a note for them)
   timm_kwargs(overrides) -> kwargs for timm.create_model that build the same architecture as our overrides
                            (raise ValueError for one timm cannot express); without it overrides pass unchanged
 """

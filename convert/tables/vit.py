@@ -7,6 +7,9 @@ import math
 
 from rsd_jax.models import vit
 
+# Overrides `infer` can only guess (the CLI says so): the head count is not visible in the weights.
+GUESSED = ("num_heads",)
+
 # stage_blocks only selects features; timm has no such argument and it changes no weight.
 _SAME_IN_TIMM = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "drop_rate",
                  "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
