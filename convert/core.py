@@ -71,7 +71,7 @@ def state_dict_to_variables(state_dict, template, table=None):
         if key not in remaining:
             missing.append(key)
             continue
-        value = to_flax_array(path[-1], np.asarray(remaining.pop(key)))
+        value = to_flax_array(path[-1], np.array(remaining.pop(key), copy=True))   # never a view of torch memory
         if tuple(value.shape) != shape:
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {shape}")
             continue

@@ -256,8 +256,8 @@ def test_verify_fails_when_numerics_differ(monkeypatch, capsys):
     diffs = verify.check("resnet18", 10, overrides, variables)
     assert max(rel for _, rel in diffs.values()) < 1e-6
     from rsd_jax.models import layers
-    wrong_eps = layers.BatchNorm
-    monkeypatch.setattr(layers, "BatchNorm", lambda train, **kw: wrong_eps(train, **dict(kw, epsilon=1e-1)))
+    wrong_eps = layers.batch_norm
+    monkeypatch.setattr(layers, "batch_norm", lambda train, **kw: wrong_eps(train, **dict(kw, epsilon=1e-1)))
     with pytest.raises(verify.VerifyError, match="verification failed: logits, pre_logits"):
         verify.check("resnet18", 10, overrides, variables)
     assert "max rel diff" in capsys.readouterr().out

@@ -25,7 +25,7 @@ def drop_path_rates(drop_path_rate, depths):
 
 def _norm(eps, name):
     # Two-pass variance as torch computes it; the fast E[x^2]-E[x]^2 form loses precision on the residual stream.
-    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+    return layers.LayerNorm(eps, name=name)
 
 
 class Mlp(nn.Module):

@@ -1,5 +1,5 @@
 """Building blocks with torch/timm numerics (see shared/STYLE.md, 'Numerics that silently break parity')."""
-import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -15,12 +15,48 @@ def gelu(x):
 trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
 
 
-def BatchNorm(train, name=None, momentum=0.9, epsilon=1e-5, **kwargs):
-    """torch.nn.BatchNorm2d/1d: Flax momentum 0.9 is torch's 0.1; eps 1e-5."""
-    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name, **kwargs)
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm{1,2}d over the last axis, exactly: normalise with the biased batch variance, but move the
+    running variance towards the unbiased one (n / (n - 1) larger), as torch does; Flax's own BatchNorm uses the
+    biased one. `momentum` is Flax's (0.9 here is torch's 0.1). Variables: params scale/bias, batch_stats mean/var.
+    """
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (c,), jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)    # two-pass: no E[x^2] - E[x]^2 cancellation
+            if not self.is_initializing():
+                n = x.size // c
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * (n / max(n - 1, 1))
+        y = (x - mean.astype(x.dtype)) * (jax.lax.rsqrt(var + self.epsilon) * scale).astype(x.dtype)
+        return y + bias.astype(x.dtype)
 
 
-LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-5)   # torch default; ViT passes 1e-6
+def batch_norm(train, name=None, **kwargs):
+    """The BatchNorm of a model in train or eval mode (train mode uses and updates batch statistics)."""
+    return BatchNorm(use_running_average=not train, name=name, **kwargs)
+
+
+def LayerNorm(epsilon=1e-5, name=None, **kwargs):
+    """torch.nn.LayerNorm over the last axis: eps per model (1e-5 torch default, 1e-6 in ViT, Mixer and ConvNeXt),
+    two-pass variance as torch computes it."""
+    return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name, **kwargs)
 
 
 class DropPath(nn.Module):

@@ -72,9 +72,9 @@ class MixerBlock(nn.Module):
     def __call__(self, x, train: bool):
         drop_path = layers.DropPath(self.drop_path)
         tokens = Mlp(int(self.mlp_ratio_tokens * self.dim), self.seq_len, self.drop, name="mlp_tokens")
-        y = nn.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, name="norm1")(x)
+        y = layers.LayerNorm(self.norm_eps, name="norm1")(x)
         x = x + drop_path(_over_tokens(lambda t: tokens(t, train), y), train)
-        y = nn.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, name="norm2")(x)
+        y = layers.LayerNorm(self.norm_eps, name="norm2")(x)
         y = Mlp(int(self.mlp_ratio_channels * self.dim), self.dim, self.drop, name="mlp_channels")(y, train)
         return x + drop_path(y, train)
 
@@ -154,7 +154,7 @@ class MlpMixer(nn.Module):
                 if b == j:
                     feats[f"stage{s + 1}"] = x
         if self.block == "mixer":
-            x = nn.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, name="norm")(x)
+            x = layers.LayerNorm(self.norm_eps, name="norm")(x)
         else:
             x = Affine(self.embed_dim, name="norm")(x)
         x = nn.Dropout(self.drop_rate, deterministic=not train)(jnp.mean(x, axis=1))

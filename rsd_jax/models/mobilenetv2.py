@@ -60,7 +60,7 @@ def _conv(features, k, stride=1, groups=1, name=None):
 
 def _bn(train, name):
     # Two-pass batch variance, as torch computes it; the fast E[x^2]-E[x]^2 form drifts in train mode.
-    return layers.BatchNorm(train, name=name, use_fast_variance=False)
+    return layers.batch_norm(train, name=name)
 
 
 def relu6(x):

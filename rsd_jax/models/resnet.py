@@ -51,15 +51,15 @@ class Block(nn.Module):
         # timm zero-initialises the residual branch's last BN scale (zero_init_last=True).
         zero = dict(scale_init=nn.initializers.zeros)
         if self.kind == "basic":
-            y = nn.relu(layers.BatchNorm(train, name="bn1")(conv(self.planes, 3, self.stride, "conv1")(x)))
-            y = layers.BatchNorm(train, name="bn2", **zero)(conv(self.planes, 3, 1, "conv2")(y))
+            y = nn.relu(layers.batch_norm(train, name="bn1")(conv(self.planes, 3, self.stride, "conv1")(x)))
+            y = layers.batch_norm(train, name="bn2", **zero)(conv(self.planes, 3, 1, "conv2")(y))
         else:
-            y = nn.relu(layers.BatchNorm(train, name="bn1")(conv(self.planes, 1, 1, "conv1")(x)))
-            y = nn.relu(layers.BatchNorm(train, name="bn2")(conv(self.planes, 3, self.stride, "conv2")(y)))
-            y = layers.BatchNorm(train, name="bn3", **zero)(conv(self.planes * 4, 1, 1, "conv3")(y))
+            y = nn.relu(layers.batch_norm(train, name="bn1")(conv(self.planes, 1, 1, "conv1")(x)))
+            y = nn.relu(layers.batch_norm(train, name="bn2")(conv(self.planes, 3, self.stride, "conv2")(y)))
+            y = layers.batch_norm(train, name="bn3", **zero)(conv(self.planes * 4, 1, 1, "conv3")(y))
         y = layers.DropPath(self.drop_path)(y, train)
         if self.project:
-            x = layers.BatchNorm(train, name="downsample_1")(
+            x = layers.batch_norm(train, name="downsample_1")(
                 conv(self.planes * EXPANSION[self.kind], 1, self.stride, "downsample_0")(x))
         return nn.relu(x + y)
 
@@ -82,7 +82,7 @@ class ResNet(nn.Module):
         if self.block not in EXPANSION:
             raise ValueError(f"ResNet block must be one of {sorted(EXPANSION)}, got {self.block!r}")
         stem = self.stem_width
-        x = nn.relu(layers.BatchNorm(train, name="bn1")(conv(stem, 7, 2, "conv1")(x)))
+        x = nn.relu(layers.batch_norm(train, name="bn1")(conv(stem, 7, 2, "conv1")(x)))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))   # pads with -inf, like torch
 
         features = {}

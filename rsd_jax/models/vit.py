@@ -8,6 +8,7 @@ Features: `stage1..4` are the outputs of blocks `stage_blocks` (tokens (B, 1 + p
 the final norm, as the reference's feature list); `pre_logits` is the CLS token after the final norm.
 Dropout follows timm 1.x: `drop_rate` is the head dropout; position/projection/attention dropouts are separate.
 """
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -26,7 +27,7 @@ MODELS = {
 # The reference's stage indices for depth 12 (RSD_SPEC §3): block outputs 1, 3, 9, 11.
 REFERENCE_STAGE_BLOCKS = (1, 3, 9, 11)
 
-LayerNorm = lambda name: nn.LayerNorm(epsilon=1e-6, name=name)   # noqa: E731  (timm ViT: eps 1e-6)
+LayerNorm = functools.partial(layers.LayerNorm, 1e-6)   # timm ViT: eps 1e-6
 Dense = lambda features, name, **kw: nn.Dense(features, kernel_init=layers.trunc_normal_02,  # noqa: E731
                                               bias_init=nn.initializers.zeros, name=name, **kw)
 
