@@ -1,0 +1,179 @@
+"""Prepare a dataset directory from a downloaded archive, offline and without TensorFlow:
+
+  python -m rsd_jax.data.prepare cifar100 --archive cifar-100-python.tar.gz --data-dir DIR
+  python -m rsd_jax.data.prepare cifar100 --archive cifar-100-binary.tar.gz --data-dir DIR
+
+then train or evaluate with `--config.data.name=cifar100 --config.data.data_dir=DIR`. The archive is parsed and
+checked completely before anything is written; the result appears in DIR/cifar100_rsd_jax/ in one rename, so a
+failure leaves nothing half-written (a previous preparation is replaced only by a complete new one).
+The python archive holds Python-2 pickles; they are read with an unpickler that accepts nothing but numpy arrays
+and plain containers, so a hostile archive cannot run code.
+"""
+import argparse
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+
+import numpy as np
+
+from rsd_jax.data import cifar
+from rsd_jax.errors import UserError
+
+# torchvision's and tfds' checksums of the official archives (www.cs.toronto.edu/~kriz).
+OFFICIAL = {
+    "python": dict(md5="eb9058c3a382ffc7106e4002c42a8d85"),
+    "binary": dict(sha256="58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Only what a pickled numpy array needs; anything else is not a CIFAR file."""
+    # _codecs.encode: how Python 3 writes bytes in a protocol-2 pickle (a pure function).
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
+                         "numpy._core.numeric") for n in ("_reconstruct", "scalar", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR pickle")
+        return super().find_class(module, name)
+
+
+def _unpickle(raw):
+    return _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+
+
+def _checked(name, images, fine, coarse):
+    fine = np.asarray(fine)
+    coarse = np.asarray(coarse)
+    n = len(images)
+    if fine.shape != (n,) or coarse.shape != (n,):
+        raise ValueError(f"{name}: {n} images but {fine.shape} fine and {coarse.shape} coarse labels")
+    if n == 0 or fine.min() < 0 or fine.max() >= cifar.NUM_CLASSES or coarse.min() < 0 or \
+            coarse.max() >= cifar.NUM_COARSE:
+        raise ValueError(f"{name}: labels outside 0..99 (fine) / 0..19 (coarse), or no images")
+    return images, fine.astype(np.int32), coarse.astype(np.int32)
+
+
+def _planes_to_nhwc(flat):
+    """(N, 3072) bytes as the archives store them (R, G, B planes of 32x32, row-major) -> (N, 32, 32, 3)."""
+    return np.ascontiguousarray(np.asarray(flat, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+def parse_python(members):
+    splits = {}
+    for name in ("train", "test"):
+        d = _unpickle(members[f"cifar-100-python/{name}"])
+        flat = np.asarray(d[b"data"])
+        if flat.dtype != np.uint8 or flat.ndim != 2 or flat.shape[1] != 3072:
+            raise ValueError(f"{name}: data is {flat.dtype} {flat.shape}, expected uint8 (N, 3072)")
+        splits[name] = _checked(name, _planes_to_nhwc(flat), d[b"fine_labels"], d[b"coarse_labels"])
+    meta = _unpickle(members["cifar-100-python/meta"])
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"fine_label_names"]]
+    return splits, classes
+
+
+def parse_binary(members):
+    splits = {}
+    for name in ("train", "test"):
+        raw = np.frombuffer(members[f"cifar-100-binary/{name}.bin"], np.uint8)
+        if raw.size % 3074:
+            raise ValueError(f"{name}.bin: {raw.size} bytes is not a whole number of 3074-byte records")
+        records = raw.reshape(-1, 3074)
+        splits[name] = _checked(name, _planes_to_nhwc(records[:, 2:]), records[:, 1], records[:, 0])
+    names = members.get("cifar-100-binary/fine_label_names.txt", b"").decode().split()
+    return splits, names
+
+
+def read_archive(path):
+    """(kind, {split: (images, fine, coarse)}, class names, checksums) from a CIFAR-100 archive; UserError if not."""
+    if not os.path.isfile(path):
+        raise UserError(f"archive {path} does not exist")
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5.update(block)
+            sha256.update(block)
+    sums = dict(md5=md5.hexdigest(), sha256=sha256.hexdigest())
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            names = [m.name for m in tar.getmembers() if m.isfile()]
+            tops = {n.split("/")[0] for n in names}
+            if "cifar-100-python" in tops:
+                kind, wanted = "python", [f"cifar-100-python/{n}" for n in ("train", "test", "meta")]
+            elif "cifar-100-binary" in tops:
+                kind, wanted = "binary", [f"cifar-100-binary/{n}" for n in ("train.bin", "test.bin")]
+            else:
+                what = "CIFAR-10" if tops & {"cifar-10-batches-py", "cifar-10-batches-bin"} else \
+                    f"an archive of {', '.join(sorted(tops)[:3]) or 'nothing'}"
+                raise UserError(f"{path} is {what}, not cifar-100-python.tar.gz or cifar-100-binary.tar.gz")
+            missing = [n for n in wanted if n not in names]
+            if missing:
+                raise UserError(f"{path} is not a complete CIFAR-100 archive: missing {', '.join(missing)}")
+            extra = ["cifar-100-binary/fine_label_names.txt"] if kind == "binary" else []
+            members = {n: tar.extractfile(n).read() for n in wanted + [n for n in extra if n in names]}
+        splits, classes = (parse_python if kind == "python" else parse_binary)(members)
+    except UserError:
+        raise
+    except tarfile.ReadError:
+        raise UserError(f"{path} is not a CIFAR-100 archive (not a readable .tar.gz file)") from None
+    except Exception as e:  # tarfile, gzip, zlib, pickle and numpy all have their own errors for a bad file
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"{path} is not a readable CIFAR-100 archive ({reason})") from None
+    return kind, splits, classes, sums
+
+
+def prepare_cifar100(archive, data_dir, log=print):
+    kind, splits, classes, sums = read_archive(archive)
+    official = all(sums[k] == v for k, v in OFFICIAL[kind].items())
+    counts = {k: len(v[0]) for k, v in splits.items()}
+    if counts != cifar.SIZES:
+        log(f"note: {counts['train']} train / {counts['test']} test images; the real CIFAR-100 has 50000 / 10000")
+    elif not official:
+        log(f"note: {archive} has the right shape but is not byte-identical to the official {kind} archive")
+    info = dict(source=os.path.basename(archive), archive_kind=kind, official_archive=official,
+                classes=classes, **sums)
+    data_dir = os.path.expanduser(data_dir)
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{cifar.SUBDIR}.tmp-", dir=data_dir)
+    except OSError as e:
+        raise UserError(f"cannot write to {data_dir}: {e.strerror or e}") from None
+    final = os.path.join(data_dir, cifar.SUBDIR)
+    try:
+        cifar.write_prepared(os.path.join(staging, "new"), splits, info)
+        if os.path.exists(final):
+            os.rename(final, os.path.join(staging, "old"))
+        os.rename(os.path.join(staging, "new"), final)
+    except OSError as e:
+        if not os.path.exists(final) and os.path.exists(os.path.join(staging, "old")):
+            os.rename(os.path.join(staging, "old"), final)
+        raise UserError(f"cannot write to {data_dir}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"prepared CIFAR-100 ({counts['train']} train / {counts['test']} test, {kind} archive"
+        f"{', official' if official else ''}) in {final}; use --config.data.name=cifar100 "
+        f"--config.data.data_dir={data_dir}")
+    return final
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m rsd_jax.data.prepare", description=__doc__.split("\n")[0])
+    parser.add_argument("dataset", choices=["cifar100"])
+    parser.add_argument("--archive", required=True, help="cifar-100-python.tar.gz or cifar-100-binary.tar.gz")
+    parser.add_argument("--data-dir", required=True, help="the directory to use as --config.data.data_dir")
+    args = parser.parse_args(argv)
+    try:
+        prepare_cifar100(args.archive, args.data_dir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
