@@ -1,0 +1,63 @@
+"""RKD (Park et al., 2019): distance- and angle-wise relations of the pre-logit features (RSD_SPEC §2).
+
+Distances: pairwise Euclidean (squared if `squared`), clamped below at eps, diagonal zeroed, divided by the mean of
+the positive entries; angles: cosines between the difference vectors e_j - e_i and e_k - e_i (normalised with
+eps 1e-12, as torch's F.normalize). Both compared with smooth L1 (beta 1), mean over entries:
+L = distance_weight * sl1(d_s, d_t) + angle_weight * sl1(a_s, a_t). Features are flattened per example.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+
+def default_config():
+    return ml_collections.ConfigDict(dict(loss_weight=1.0, distance_weight=25.0, angle_weight=50.0, eps=1e-12,
+                                          squared=False, feature="pre_logits"))
+
+
+def pairwise_distances(e, *, squared=False, eps=1e-12):
+    sq = jnp.sum(e * e, axis=1)
+    d = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * e @ e.T, eps)
+    if not squared:
+        d = jnp.sqrt(d)
+    return jnp.where(jnp.eye(e.shape[0], dtype=bool), 0.0, d)
+
+
+def _normalised_distances(e, squared, eps):
+    d = pairwise_distances(e, squared=squared, eps=eps)
+    positive = d > 0
+    return d / (jnp.sum(jnp.where(positive, d, 0.0)) / jnp.sum(positive))
+
+
+def _angles(e):
+    diff = e[None, :, :] - e[:, None, :]                      # [i, j] = e_j - e_i
+    sq = jnp.sum(diff * diff, axis=-1, keepdims=True)
+    norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)   # the zero diagonal: gradient 0, not NaN
+    diff = diff / jnp.maximum(norm, 1e-12)
+    return jnp.einsum("ijd,ikd->ijk", diff, diff).reshape(-1)
+
+
+def smooth_l1(a, b):
+    x = jnp.abs(a - b)
+    return jnp.mean(jnp.where(x < 1.0, 0.5 * x * x, x - 0.5))
+
+
+def rkd_loss(student_features, teacher_features, *, distance_weight=25.0, angle_weight=50.0, eps=1e-12,
+             squared=False):
+    s = student_features.reshape(student_features.shape[0], -1).astype(jnp.float32)
+    t = jax.lax.stop_gradient(teacher_features.reshape(teacher_features.shape[0], -1).astype(jnp.float32))
+    loss_d = smooth_l1(_normalised_distances(s, squared, eps), _normalised_distances(t, squared, eps))
+    loss_a = smooth_l1(_angles(s), _angles(t))
+    return distance_weight * loss_d + angle_weight * loss_a
+
+
+class RKD(nn.Module):
+    config: ml_collections.ConfigDict
+    context: object
+
+    def __call__(self, student_out, teacher_out, batch, train: bool):
+        c = self.config
+        loss = rkd_loss(student_out[1][c.feature], teacher_out[1][c.feature], distance_weight=c.distance_weight,
+                        angle_weight=c.angle_weight, eps=c.eps, squared=c.squared)
+        return {"rkd": c.loss_weight * loss}

@@ -1,0 +1,153 @@
+"""The baseline distillers (RSD_SPEC §2): each loss against an independent torch implementation of its formula
+(values and gradients), OFA/FitNet branch shapes over CNN and token pairs, the CRD memory update, and a few
+training steps of every method."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rsd_jax import distillers, models, train
+from rsd_jax.distillers import correlation, crd, dist, dkd, fitnet, kd, ofa, rkd
+from tiny import tiny_config
+
+B, C = 12, 7
+
+
+def inputs(seed, *shapes):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=s).astype(np.float32) * 2 for s in shapes]
+
+
+def check(jax_fn, torch_fn, arrays, argnums, rtol=1e-5):
+    """Value and gradients (w.r.t. `argnums`) of a JAX loss and a torch loss on the same float32 inputs."""
+    got, grads = jax.value_and_grad(jax_fn, argnums=argnums)(*[jnp.asarray(a) for a in arrays])
+    tensors = [torch.tensor(a, requires_grad=i in argnums) for i, a in enumerate(arrays)]
+    want = torch_fn(*tensors)
+    want.backward()
+    np.testing.assert_allclose(float(got), want.item(), rtol=rtol, atol=1e-6)
+    for i, g in zip(argnums, grads):
+        w = tensors[i].grad.numpy()
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5 * max(np.abs(w).max(), 1e-3))
+
+
+def soft_or_hard(seed, soft):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, C, size=B)
+    if not soft:
+        return labels.astype(np.int32), torch.tensor(labels)
+    mixed = 0.6 * np.eye(C)[labels] + 0.4 * np.eye(C)[labels[::-1]] * 0.9
+    return mixed.astype(np.float32), torch.tensor(mixed.argmax(1))
+
+
+# ------------------------------------------------------------------------------------------------ losses
+@pytest.mark.parametrize("t", [1.0, 4.0])
+def test_kd(t):
+    def ref(zs, zt):
+        return F.kl_div(F.log_softmax(zs / t, 1), F.softmax(zt / t, 1), reduction="batchmean") * t * t
+    check(lambda a, b: kd.kd_loss(a, b, temperature=t), ref, inputs(0, (B, C), (B, C)), (0,))
+
+
+@pytest.mark.parametrize("soft,alpha,beta,t", [(False, 1.0, 2.0, 1.0), (True, 0.5, 8.0, 4.0)])
+def test_dkd(soft, alpha, beta, t):
+    labels, target = soft_or_hard(1, soft)
+
+    def ref(zs, zt):
+        gt = F.one_hot(target, C).float()
+        ps, pt = F.softmax(zs / t, 1), F.softmax(zt / t, 1)
+        bs = torch.stack([(ps * gt).sum(1), (ps * (1 - gt)).sum(1)], 1)
+        bt = torch.stack([(pt * gt).sum(1), (pt * (1 - gt)).sum(1)], 1)
+        tckd = F.kl_div(torch.log(bs), bt, reduction="sum") * t ** 2 / B
+        nckd = F.kl_div(F.log_softmax(zs / t - 1000 * gt, 1), F.softmax(zt / t - 1000 * gt, 1),
+                        reduction="sum") * t ** 2 / B
+        return alpha * tckd + beta * nckd
+    zs, zt = inputs(2, (B, C), (B, C))
+    check(lambda a, b: dkd.dkd_loss(a, b, jnp.asarray(labels), alpha=alpha, beta=beta, temperature=t), ref,
+          [zs, zt], (0,))
+
+
+@pytest.mark.parametrize("beta,gamma,tau", [(1.0, 1.0, 1.0), (2.0, 0.5, 4.0)])
+def test_dist(beta, gamma, tau):
+    def pearson(a, b):
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
+
+    def ref(zs, zt):
+        ps, pt = F.softmax(zs / tau, 1), F.softmax(zt / tau, 1)
+        inter = 1 - pearson(ps, pt).mean()
+        intra = 1 - pearson(ps.t(), pt.t()).mean()
+        return tau ** 2 * (beta * inter + gamma * intra)
+    check(lambda a, b: dist.dist_loss(a, b, beta=beta, gamma=gamma, tau=tau), ref, inputs(3, (B, C), (B, C)), (0,))
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_rkd(squared):
+    def pdist(e):
+        sq = (e ** 2).sum(1)
+        d = (sq[:, None] + sq[None] - 2 * e @ e.t()).clamp(min=1e-12)
+        d = d if squared else d.sqrt()
+        d = d.clone()
+        d[range(len(e)), range(len(e))] = 0
+        return d
+
+    def angles(e):
+        diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+        return torch.bmm(diff, diff.transpose(1, 2)).view(-1)
+
+    def ref(s, t):
+        s, t = s.view(B, -1), t.view(B, -1)
+        td = pdist(t)
+        td = td / td[td > 0].mean()
+        sd = pdist(s)
+        sd = sd / sd[sd > 0].mean()
+        return 25 * F.smooth_l1_loss(sd, td) + 50 * F.smooth_l1_loss(angles(s), angles(t))
+    s, t = inputs(4, (B, 2, 5), (B, 9))
+    check(lambda a, b: rkd.rkd_loss(a, b, distance_weight=25, angle_weight=50, squared=squared), ref, [s, t], (0,))
+
+
+@pytest.mark.parametrize("eps,t", [(1.0, 1.0), (1.5, 2.0)])
+@pytest.mark.parametrize("soft", [False, True])
+def test_ofa(eps, t, soft):
+    labels, target = soft_or_hard(5, soft)
+
+    def ref(zs, zt):
+        m = F.one_hot(target, C).float()
+        w = (F.softmax(zt / t, 1) + m) ** eps - m
+        return torch.sum(-w * torch.log(F.softmax(zs / t, 1)), -1).mean()
+    check(lambda a, b: ofa.ofa_loss(a, b, jnp.asarray(labels), eps=eps, temperature=t), ref,
+          inputs(6, (B, C), (B, C)), (0,))
+
+
+def test_ofa_eps_one_is_soft_cross_entropy():
+    zs, zt = inputs(7, (B, C), (B, C))
+    labels = np.arange(B) % C
+    want = -np.sum(np.asarray(jax.nn.softmax(zt)) * np.asarray(jax.nn.log_softmax(zs)), -1).mean()
+    np.testing.assert_allclose(float(ofa.ofa_loss(zs, zt, labels, eps=1.0)), want, rtol=1e-5)
+
+
+def test_fitnet_loss():
+    a1, t1, a2, t2 = inputs(8, (B, 3, 3, 4), (B, 3, 3, 4), (B, 5, 6), (B, 5, 6))
+    check(lambda x, y, u, v: fitnet.fitnet_loss([x, u], [y, v], scale=0.1),
+          lambda x, y, u, v: 0.1 * (F.mse_loss(x, y) + F.mse_loss(u, v)), [a1, t1, a2, t2], (0, 2))
+
+
+def test_correlation_loss():
+    def ref(es, et):
+        delta = torch.abs(es - et)
+        return 0.02 * torch.mean((delta[:-1] * delta[1:]).sum(1))
+    check(lambda a, b: correlation.correlation_loss(a, b, scale=0.02), ref, inputs(9, (B, 16), (B, 16)), (0, 1))
+
+
+def test_crd_contrast_loss():
+    n_data, k = 50, 6
+
+    def ref(x):
+        m, pn = x.size(1) - 1, 1 / float(n_data)
+        log_d1 = torch.div(x[:, 0], x[:, 0] + m * pn + 1e-7).log()
+        log_d0 = torch.div(torch.full_like(x[:, 1:], m * pn), x[:, 1:] + m * pn + 1e-7).log()
+        return -(log_d1.sum(0) + log_d0.reshape(-1, 1).sum(0))[0] / x.shape[0]
+    x = np.exp(inputs(10, (B, k + 1))[0] / 4) / 10
+    check(lambda a: crd.contrast_loss(a, n_data), ref, [x], (0,))
