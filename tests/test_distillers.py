@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsd_jax import distillers, models, train
+from rsd_jax import distillers, models
 from rsd_jax.distillers import correlation, crd, dist, dkd, fitnet, kd, ofa, rkd
 from tiny import tiny_config
 
@@ -151,3 +151,82 @@ def test_crd_contrast_loss():
         return -(log_d1.sum(0) + log_d0.reshape(-1, 1).sum(0))[0] / x.shape[0]
     x = np.exp(inputs(10, (B, k + 1))[0] / 4) / 10
     check(lambda a: crd.contrast_loss(a, n_data), ref, [x], (0,))
+
+
+# ------------------------------------------------------------------------------------------------ modules
+TINY = {
+    "cnn": ("resnet18", dict(img_size=16, widths=(4, 8, 8, 16), layers=(1, 1, 1, 1))),
+    "vit": ("vit_small_patch16_224", dict(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2)),
+    "mlp": ("resmlp_12_224", dict(img_size=16, patch_size=2, embed_dim=12, depth=1)),
+    "convnext": ("convnext_tiny", dict(img_size=32, depths=(1, 1, 1, 1), dims=(4, 8, 8, 16))),
+}
+
+
+def fake_outputs(kind, batch=4, seed=0):
+    """Random arrays shaped like a tiny model's `(logits, features)` (shapes from jax.eval_shape)."""
+    name, overrides = TINY[kind]
+    model = models.create_model(name, num_classes=10, **overrides)
+    x = jax.ShapeDtypeStruct(models.input_shape(model, batch), jnp.float32)
+    shapes = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), models.init_shapes(model), x)
+    keys = iter(jax.random.split(jax.random.key(seed), 16))
+    return jax.tree_util.tree_map(lambda s: jax.random.normal(next(keys), s.shape, s.dtype), shapes)
+
+
+def context(teacher_out, n=40):
+    return distillers.Context(num_classes=10, num_train_examples=n, teacher_dim=teacher_out[1]["pre_logits"].shape[-1])
+
+
+BATCH = {"label": jnp.arange(4) % 10, "label_mask": jnp.ones(4), "index": jnp.arange(4)}
+
+
+def apply_grouped(module, student_out, teacher_out, batch=BATCH, variables=None, train=False, rng=0):
+    """init (variables=None) or apply under the one-group vmap that train.py uses."""
+    def f():
+        if variables is None:
+            return module.init(jax.random.key(rng), student_out, teacher_out, batch, train=False)
+        return module.apply(variables, student_out, teacher_out, batch, train=train,
+                            mutable=[k for k in variables if k != "params"],
+                            rngs={"dropout": jax.random.key(rng)})
+    return jax.tree_util.tree_map(lambda x: x[0], jax.vmap(f, axis_size=1, axis_name="group")())
+
+
+@pytest.mark.parametrize("student,teacher", [("cnn", "vit"), ("cnn", "convnext"), ("vit", "cnn"), ("mlp", "vit")])
+def test_ofa_and_fitnet_modules(student, teacher):
+    s_out, t_out = fake_outputs(student, seed=1), fake_outputs(teacher, seed=2)
+    ctx = context(t_out)
+    d_s, d_t = s_out[1]["pre_logits"].shape[-1], ctx.teacher_dim
+    for stage in (1, 2, 3, 4):
+        feature = s_out[1][f"stage{stage}"]
+        branch = (ofa.CNNBranch(stage, max(d_s, d_t), 10) if feature.ndim == 4 else ofa.TokenBranch(stage, d_s, 10))
+        logits, _ = jax.eval_shape(lambda f: branch.init_with_output(jax.random.key(0), f, train=False), feature)
+        assert logits.shape == (4, 10)
+        pred, target = jax.eval_shape(
+            lambda f, t: fitnet.Aligner().init_with_output(jax.random.key(0), f, t)[0], feature,
+            t_out[1][f"stage{stage}"])
+        assert pred.shape == target.shape and pred.shape[0] == 4
+
+    for method in ("ofa", "fitnet"):
+        module = distillers.build(method, distillers.default_configs()[method], ctx)
+        variables = apply_grouped(module, s_out, t_out)
+        terms, _ = apply_grouped(module, s_out, t_out, variables=variables, train=True)
+        assert set(terms) == ({"kd", "ofa"} if method == "ofa" else {"fitnet"})
+        assert all(np.isfinite(float(v)) and float(v) > 0 for v in terms.values())
+
+
+def test_ofa_token_branch_merges_to_seven_and_keeps_cls():
+    tokens = jnp.zeros((2, 1 + 28 * 28, 8))     # a CLS token and a 28 x 28 grid: two merges, 28 -> 14 -> 7
+    branch = ofa.TokenBranch(stage=1, dim=8, num_classes=5)
+    variables = jax.eval_shape(lambda: branch.init(jax.random.key(0), tokens, train=False))["params"]
+    assert {"merge0", "merge1", "blocks_0", "blocks_1", "blocks_2", "head"} == set(variables)
+    assert variables["merge0"]["reduction"]["kernel"].shape == (32, 8)
+    # the last of several merges has no activation: with a zero-init LayerNorm shift, its output is linear in x
+    merge = ofa.PatchMerge(8, act=False)
+    x = jax.random.normal(jax.random.key(1), (1, 4, 4, 8))
+    v = merge.init(jax.random.key(0), x)
+    np.testing.assert_allclose(merge.apply(v, -x), -merge.apply(v, x), atol=1e-5)
+
+
+def test_space_to_depth_is_the_reference_patch_merge():
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
+    t = torch.tensor(x).reshape(2, 2, 2, 2, 2, 3).permute(0, 1, 3, 2, 4, 5).reshape(2, 2, 2, 12)
+    np.testing.assert_array_equal(np.asarray(ofa.space_to_depth(jnp.asarray(x), 2)), t.numpy())
