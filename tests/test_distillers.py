@@ -230,3 +230,68 @@ def test_space_to_depth_is_the_reference_patch_merge():
     x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
     t = torch.tensor(x).reshape(2, 2, 2, 2, 2, 3).permute(0, 1, 3, 2, 4, 5).reshape(2, 2, 2, 12)
     np.testing.assert_array_equal(np.asarray(ofa.space_to_depth(jnp.asarray(x), 2)), t.numpy())
+
+
+def test_crd_memory_update_and_fixed_normaliser():
+    s_out, t_out = fake_outputs("cnn", batch=4, seed=3), fake_outputs("vit", batch=4, seed=4)
+    n = 40
+    config = distillers.default_configs()["crd"]
+    config.k = 8
+    module = distillers.build("crd", config, context(t_out, n))
+    variables = apply_grouped(module, s_out, t_out)
+    assert variables["memory"]["student"].shape == (n, 128) and not bool(variables["memory"]["z_set"])
+    index = jnp.asarray([3, 17, 5, 30])
+    batch = dict(BATCH, index=index)
+
+    def two_groups(variables, rng):
+        # 2 statistics groups of 2 examples, as train.py runs them: every group must end with the same memory.
+        def f(s, t, b, r):
+            return module.apply(variables, s, t, b, train=True, mutable=["memory"], rngs={"dropout": r})
+        split = lambda x: x.reshape((2, -1) + x.shape[1:])  # noqa: E731
+        return jax.vmap(f, axis_name="group")(*jax.tree_util.tree_map(split, (s_out, t_out, batch)),
+                                              jax.random.split(jax.random.key(rng), 2))
+
+    terms, new = two_groups(variables, 0)
+    for name in ("student", "teacher", "z", "z_set"):
+        np.testing.assert_array_equal(np.asarray(new["memory"][name][0]), np.asarray(new["memory"][name][1]))
+    new = jax.tree_util.tree_map(lambda x: x[0], new)
+
+    p = variables["params"]
+    def embed(f, name):
+        e = f.reshape(4, -1) @ p[name]["kernel"] + p[name]["bias"]
+        return e / np.linalg.norm(e, axis=1, keepdims=True)
+    for bank, f, name in (("student", s_out, "embed_s"), ("teacher", t_out, "embed_t")):
+        old, got = np.asarray(variables["memory"][bank]), np.asarray(new["memory"][bank])
+        changed = np.flatnonzero(np.any(old != got, axis=1))
+        np.testing.assert_array_equal(changed, np.sort(np.asarray(index)))
+        want = old[np.asarray(index)] * 0.5 + np.asarray(embed(f[1]["pre_logits"], name)) * 0.5
+        want /= np.linalg.norm(want, axis=1, keepdims=True)
+        np.testing.assert_allclose(got[np.asarray(index)], want, rtol=1e-5, atol=1e-6)
+    assert bool(new["memory"]["z_set"]) and np.all(np.asarray(new["memory"]["z"]) > 0)
+    # Z is fixed from the first batch: a second step keeps it.
+    _, newer = two_groups(dict(variables, memory=new["memory"]), 1)
+    np.testing.assert_array_equal(np.asarray(newer["memory"]["z"][0]), np.asarray(new["memory"]["z"]))
+    assert np.isfinite(float(terms["crd"][0])) and float(terms["crd"][0]) > 0
+
+
+# ------------------------------------------------------------------------------------------------ training
+METHODS = ["kd", "dkd", "dist", "ofa", "fitnet", "crd", "rkd", "correlation"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_steps_reduce_the_loss(method):
+    from rsd_jax import train
+    config = tiny_config(method, "random")
+    if method == "crd":
+        config.distill.crd.k = 64
+    run = train.build_run(config)
+    state = run.init(jax.random.key(0))
+    batch = run.train_batch(0)
+    losses = []
+    for _ in range(6):
+        state, metrics = run.train_step(state, run.teacher_vars, batch)
+        jax.block_until_ready(state)
+        losses.append(float(metrics["loss"]))
+    terms = set(metrics) - {"loss", "lr", "grad_norm", "ce"}
+    assert terms and all(np.isfinite(float(metrics[t])) for t in terms), metrics
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
