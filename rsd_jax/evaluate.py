@@ -1,8 +1,10 @@
-"""Evaluate a run's student, restored from its orbax checkpoints:
+"""Evaluate a run's student, restored from its orbax checkpoints, or any model directory:
 
   python -m rsd_jax.evaluate --workdir DIR [--which latest|best] [--json]
+  python -m rsd_jax.evaluate --model DIR --dataset cifar100 --data-dir DATA [--batch-size 128] [--json]
 
-prints top-1 and top-5 (percent) and the mean cross-entropy on the run's test split, with the run's own config.
+prints top-1 and top-5 (percent) and the mean cross-entropy on the test split: with the run's own config, or, for a
+model directory (converter output, a run's <workdir>/student), with the reference's eval transform for that model.
 """
 import json
 import os
@@ -16,6 +18,10 @@ from rsd_jax.data import augment
 from rsd_jax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "A training run's directory.")
+flags.DEFINE_string("model", None, "A model directory (instead of --workdir).")
+flags.DEFINE_string("dataset", "cifar100", "With --model: the dataset (data.name) whose test split to use.")
+flags.DEFINE_string("data-dir", "", "With --model: the dataset's directory (data.data_dir).")
+flags.DEFINE_integer("batch-size", 128, "With --model: the global eval batch.")
 flags.DEFINE_enum("which", "latest", ["latest", "best"], "Which checkpoint to evaluate.")
 flags.DEFINE_bool("json", False, "Print one JSON line {\"top1\": .., \"top5\": .., \"loss\": ..}.")
 
@@ -47,11 +53,43 @@ def evaluate_workdir(workdir, which="latest"):
                                 mesh)
 
 
+def evaluate_model(model_dir, dataset="cifar100", data_dir="", batch_size=128):
+    """top1/top5/loss of a model directory on a dataset's test split, with the eval transform for that model."""
+    from rsd_jax import config as base
+    from rsd_jax import models
+    data_config = base.base_config().data
+    data_config.update(dict(name=dataset, data_dir=data_dir, eval_batch_size=batch_size))
+    dataset = data.load(data_config)     # before the model: a missing dataset fails fast
+    model, variables = models.load_model(model_dir)
+    model_name = checkpoint.read_model_metadata(model_dir)["model"]
+    if model.num_classes != dataset.num_classes:
+        raise UserError(f"{model_dir} has {model.num_classes} classes, dataset {data_config.name} has "
+                        f"{dataset.num_classes}")
+    data_config.image_size = model.img_size
+    data_config.augment.update(dict(model=model_name, size=model.img_size))
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(batch_size, mesh)
+    transform = augment.eval_transform(data_config.augment, dataset.mean, dataset.std)
+
+    def eval_step(params, model_state, batch):
+        logits, _ = model.apply(dict(model_state, params=params), transform(batch["image"]), train=False)
+        return train.metrics_sums(logits, batch["label"], batch["weight"])
+
+    variables = jax.device_put(dict(variables), sharding.replicated(mesh))
+    params = variables.pop("params")
+    return train.evaluate_split(jax.jit(eval_step), params, variables, dataset.test, batch_size, mesh)
+
+
 def run(argv):
     del argv
-    if not flags.FLAGS.workdir:
-        raise UserError("usage: python -m rsd_jax.evaluate --workdir DIR [--which latest|best] [--json]")
-    result = evaluate_workdir(flags.FLAGS.workdir, flags.FLAGS.which)
+    f = flags.FLAGS
+    if bool(f.workdir) == bool(f.model):
+        raise UserError("usage: python -m rsd_jax.evaluate --workdir DIR [--which latest|best] [--json]  or  "
+                        "--model DIR --dataset cifar100 --data-dir DATA [--batch-size N] [--json]")
+    if f.model:
+        result = evaluate_model(f.model, f.dataset, f["data-dir"].value, f["batch-size"].value)
+    else:
+        result = evaluate_workdir(f.workdir, f.which)
     if flags.FLAGS.json:
         print(json.dumps(result))
     else:

@@ -235,3 +235,93 @@ def test_process_rows_match_sharding_to_global(monkeypatch):
     batch = np.arange(32)
     sharding.to_global({"x": batch}, sharding.make_mesh())
     np.testing.assert_array_equal(seen[0], batch[data.process_rows(32, 2, 4)])
+
+
+# ------------------------------------------------------------------------------------------------ evaluate --model
+def test_evaluate_model_directory(tmp_path):
+    """`evaluate --model` on a tiny model directory and a tiny prepared CIFAR-100: metrics match a direct computation."""
+    import jax
+    import jax.numpy as jnp
+
+    from rsd_jax import evaluate, models
+    splits = fake_cifar(seed=5, n_train=16, n_test=24)
+    prepare.prepare_cifar100(write_binary_archive(tmp_path / "b.tar.gz", splits), str(tmp_path / "d"),
+                             log=lambda m: None)
+    overrides = dict(img_size=32, widths=(4, 4, 8, 8), layers=(1, 1, 1, 1))
+    model = models.create_model("resnet18", num_classes=100, **overrides)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    models.save_model(tmp_path / "m", "resnet18", 100, variables, overrides=overrides)
+
+    result = evaluate.evaluate_model(str(tmp_path / "m"), "cifar100", str(tmp_path / "d"), batch_size=16)
+    assert set(result) == {"top1", "top5", "loss"}
+    images = (splits["test"][0] / 255.0 - np.asarray(cifar.MEAN)) / np.asarray(cifar.STD)
+    logits = np.asarray(model.apply(variables, jnp.asarray(images, jnp.float32), train=False)[0])
+    labels = splits["test"][1]
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    log_z = np.asarray(jax.nn.logsumexp(logits, axis=1))
+    expected_loss = float(np.mean(log_z - logits[np.arange(len(labels)), labels]))
+    assert result["top1"] == pytest.approx(100 * np.mean(top5[:, 0] == labels), abs=1e-4)
+    assert result["top5"] == pytest.approx(100 * np.mean(np.any(top5 == labels[:, None], 1)), abs=1e-4)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+    cmd = [sys.executable, "-m", "rsd_jax.evaluate", "--model", str(tmp_path / "m"), "--dataset", "cifar100",
+           "--data-dir", str(tmp_path / "d"), "--batch-size", "8", "--json"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0]) == pytest.approx(result, rel=1e-4)
+
+    r = subprocess.run(cmd[:-5] + ["--data-dir", str(tmp_path / "absent")], capture_output=True, text=True,
+                       cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 2 and "rsd_jax.data.prepare" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ imagenet
+def _has_tensorflow():
+    try:
+        import tensorflow  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_imagenet_error_paths(tmp_path):
+    for config in (data_config("", "imagenet2012"), data_config(tmp_path, "imagenet2012")):
+        with pytest.raises(UserError, match="tfds build imagenet2012"):
+            data.load(config)
+    (tmp_path / "imagenet2012").mkdir()
+    if _has_tensorflow():
+        with pytest.raises(UserError, match="not completely prepared"):
+            data.load(data_config(tmp_path, "imagenet2012"))
+    else:
+        with pytest.raises(UserError, match="pip install tensorflow-cpu"):
+            data.load(data_config(tmp_path, "imagenet2012"))
+
+
+@pytest.mark.skipif(not _has_tensorflow(), reason="the imagenet stream needs TensorFlow")
+def test_imagenet_stream_with_mock_data(tmp_path, monkeypatch):
+    """tfds mock records through the real stream: fixed-size uint8 batches, a function of (seed, step) and the
+    process, sequential and resumed reads alike; eval pads the last batch with weight 0."""
+    import tensorflow_datasets as tfds
+
+    from rsd_jax.data import imagenet
+    (tmp_path / "imagenet2012").mkdir()
+    # mock_data leaves these two to a real prepared directory.
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    monkeypatch.setattr(imagenet, "split_size", lambda builder, split: 40)
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = imagenet.load(ml_collections.ConfigDict(dict(name="imagenet2012", data_dir=str(tmp_path),
+                                                          image_size=24, host_image_size=20)))
+        n = len(ds.train)
+        batch = 8
+        seq = [data.train_batch(ds.train, 3, s, batch) for s in range(3)]
+        assert seq[0]["image"].shape == (batch, 20, 20, 3) and seq[0]["image"].dtype == np.uint8
+        resumed = data.train_batch(ds.train, 3, 2, batch)               # a fresh stream, skipped to step 2
+        np.testing.assert_array_equal(resumed["image"], seq[2]["image"])
+        halves = [data.train_batch(ds.train, 3, 1, batch, p, 2) for p in range(2)]
+        np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), seq[1]["image"])
+        assert not np.array_equal(data.train_batch(ds.train, 4, 0, batch)["label"], seq[0]["label"]) or n < 16
+        evals = list(data.eval_batches(ds.test, 16))
+        assert sum(e["weight"].sum() for e in evals) == len(ds.test)
+        assert all(e["image"].shape == (16, 20, 20, 3) for e in evals)
