@@ -65,11 +65,11 @@ def evaluate_model(model_dir, dataset="cifar100", data_dir="", batch_size=128):
     if model.num_classes != dataset.num_classes:
         raise UserError(f"{model_dir} has {model.num_classes} classes, dataset {data_config.name} has "
                         f"{dataset.num_classes}")
-    data_config.image_size = model.img_size
-    data_config.augment.update(dict(model=model_name, size=model.img_size))
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch_size, mesh)
-    transform = augment.eval_transform(data_config.augment, dataset.mean, dataset.std)
+    # The reference's eval resize for this model (crop_pct, interpolation), to the model's input size.
+    transform = augment.eval_transform(data_config.augment, dataset.mean, dataset.std, size=model.img_size,
+                                       model=model_name)
 
     def eval_step(params, model_state, batch):
         logits, _ = model.apply(dict(model_state, params=params), transform(batch["image"]), train=False)

@@ -239,11 +239,13 @@ def test_process_rows_match_sharding_to_global(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ evaluate --model
 def test_evaluate_model_directory(tmp_path):
-    """`evaluate --model` on a tiny model directory and a tiny prepared CIFAR-100: metrics match a direct computation."""
+    """`evaluate --model` on a tiny model directory and a tiny prepared CIFAR-100: the metrics of a direct
+    computation with the reference's eval transform for that model; --json prints one line."""
     import jax
     import jax.numpy as jnp
 
     from rsd_jax import evaluate, models
+    from rsd_jax.data import augment
     splits = fake_cifar(seed=5, n_train=16, n_test=24)
     prepare.prepare_cifar100(write_binary_archive(tmp_path / "b.tar.gz", splits), str(tmp_path / "d"),
                              log=lambda m: None)
@@ -254,8 +256,12 @@ def test_evaluate_model_directory(tmp_path):
 
     result = evaluate.evaluate_model(str(tmp_path / "m"), "cifar100", str(tmp_path / "d"), batch_size=16)
     assert set(result) == {"top1", "top5", "loss"}
-    images = (splits["test"][0] / 255.0 - np.asarray(cifar.MEAN)) / np.asarray(cifar.STD)
-    logits = np.asarray(model.apply(variables, jnp.asarray(images, jnp.float32), train=False)[0])
+    # The reference's eval transform for resnet18 (crop_pct 0.875, bilinear: 32 -> 36 -> centre 32), not a no-op.
+    transform = augment.eval_transform(augment.default_config(), cifar.MEAN, cifar.STD, size=32, model="resnet18")
+    images = transform(jnp.asarray(splits["test"][0]))
+    plain = (splits["test"][0] / 255.0 - np.asarray(cifar.MEAN)) / np.asarray(cifar.STD)
+    assert np.abs(np.asarray(images) - plain).max() > 0.1
+    logits = np.asarray(model.apply(variables, images, train=False)[0])
     labels = splits["test"][1]
     top5 = np.argsort(-logits, axis=1)[:, :5]
     log_z = np.asarray(jax.nn.logsumexp(logits, axis=1))
