@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.optim.update(dict(name="sgd", lr=0.05, weight_decay=5e-4, epochs=15, warmup_epochs=1, warmup_lr=1e-3,
                         min_lr=1e-4))
     # Teacher: AdamW as the reference's ViT recipe.
-    c.teacher_optim = ml_collections.ConfigDict(dict(c.optim.to_dict(), name="adamw", lr=1e-3,
+    c.teacher_optim = ml_collections.ConfigDict(dict(c.optim.to_dict(), name="adamw", lr=3e-3,
                                                      weight_decay=0.05, epochs=30, warmup_epochs=2, min_lr=1e-5))
     c.log_every_steps = 5
     if arg == "smoke":

@@ -39,9 +39,21 @@ def parse_flags(argv):
     return rest
 
 
+def enable_compilation_cache():
+    """XLA's persistent compilation cache (unless JAX_COMPILATION_CACHE_DIR already chooses one): a second run of the
+    same program, e.g. another seed, starts without compiling."""
+    import os
+
+    import jax
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/rsd_jax/jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def run_main(fn, argv=None):
     """Parse flags and run `fn(remaining_argv)`; a UserError becomes one line on stderr and exit status 2."""
     quiet_logging()
+    enable_compilation_cache()
     try:
         fn(parse_flags(sys.argv if argv is None else argv))
     except UserError as e:

@@ -10,11 +10,14 @@ def base_config():
     c.seed = 0                      # parameters, augmentation, dropout and data order
 
     c.data = ml_collections.ConfigDict(dict(
-        name="digits", image_size=32, batch_size=64, eval_batch_size=128,
+        name="digits", data_dir="", image_size=32, batch_size=64, eval_batch_size=128,
         test_fraction=0.2, labelled_fraction=1.0, split_seed=0,
-        augment=ml_collections.ConfigDict(dict(translate=0)),
+        augment=ml_collections.ConfigDict(dict(translate=0, random_resized_crop=False, hflip=0.0,
+                                               rand_augment="", mixup=0.0, cutmix=0.0, random_erasing=0.0)),
     ))
-    c.student = ml_collections.ConfigDict(dict(model="resnet18", overrides={}))
+    # student.init: "" (random) or a model directory to start from (its classifier is re-initialised when the class
+    # count differs), e.g. to fine-tune a teacher from converted ImageNet weights with distill.method=vanilla.
+    c.student = ml_collections.ConfigDict(dict(model="resnet18", overrides={}, init=""))
     # teacher.path: a model directory (converter output, or `<workdir>/student` of a finished run), or "random".
     c.teacher = ml_collections.ConfigDict(dict(model="", overrides={}, path=""))
     c.distill = ml_collections.ConfigDict(dict(
@@ -31,6 +34,8 @@ def base_config():
         schedule="cosine", epochs=300, warmup_epochs=3, warmup_lr=1e-4, min_lr=1e-3,
         decay_epochs=30, decay_rate=0.1, clip_grad=0.0,
     ))
+    # EMA of the student (timm ModelEmaV2: parameters and BatchNorm statistics), evaluated and checkpointed with it.
+    c.ema = ml_collections.ConfigDict(dict(decay=0.0))     # 0 = off; the reference's ViT/MLP ImageNet: 0.99996
     c.eval_every_epochs = 1
     c.checkpoint_every_epochs = 1
     c.stop_after_epoch = 0          # >0: leave after this epoch's checkpoint (resumable), e.g. for time-limited jobs

@@ -22,7 +22,7 @@ def teacher_config(config):
     with c.unlocked():
         c.program = "train"
         c.student = ml_collections.ConfigDict(dict(model=config.teacher.model,
-                                                    overrides=config.teacher.overrides.to_dict()))
+                                                    overrides=config.teacher.overrides.to_dict(), init=""))
         c.teacher.path = ""
         c.distill.method = "vanilla"
         c.data.labelled_fraction = 1.0

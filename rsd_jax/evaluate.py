@@ -42,13 +42,12 @@ def evaluate_workdir(workdir, which="latest"):
     mesh = sharding.make_mesh()
     transform = augment.eval_transform(config.data.augment, dataset.mean, dataset.std)
 
-    def eval_step(params, batch_stats, batch):
-        logits, _ = student.apply({"params": params, "batch_stats": batch_stats}, transform(batch["image"]),
-                                  train=False)
+    def eval_step(params, model_state, batch):
+        logits, _ = student.apply(dict(model_state, params=params), transform(batch["image"]), train=False)
         return train.metrics_sums(logits, batch["label"], batch["weight"])
 
     params = jax.device_put(state["params"]["student"], sharding.replicated(mesh))
-    stats = jax.device_put(state["batch_stats"]["student"], sharding.replicated(mesh))
+    stats = jax.device_put(state["model_state"]["student"], sharding.replicated(mesh))
     return train.evaluate_split(jax.jit(eval_step), params, stats, dataset.test, config.data.eval_batch_size,
                                 mesh)
 

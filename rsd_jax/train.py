@@ -11,6 +11,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,12 +70,53 @@ def load_teacher(config, num_classes):
     return models.load_model(path)
 
 
+def student_initializer(config, student, num_classes):
+    """variables -> variables: `student.init`'s weights (and BatchNorm statistics) where they fit, the fresh ones
+    elsewhere (a classifier for another class count). Another architecture, or any other mismatch, is an error."""
+    if not config.student.init:
+        return lambda variables: variables
+    path = config.student.init
+    if not os.path.isdir(path):
+        raise UserError(f"student.init directory {path} does not exist")
+    meta = checkpoint.read_model_metadata(path)
+    if meta["model"] != config.student.model:
+        raise UserError(f"student.init {path} is a {meta['model']}, but the student is a {config.student.model}")
+    source = models.create_model(meta["model"], num_classes=meta["num_classes"], **meta.get("overrides", {}))
+    loaded = checkpoint.load_model_variables(path, models.init_shapes(source))
+    fresh = models.init_shapes(student)
+    flat_loaded, flat_fresh = (flax.traverse_util.flatten_dict(t) for t in (loaded, fresh))
+    mismatched = [k for k in flat_fresh if k not in flat_loaded or flat_loaded[k].shape != flat_fresh[k].shape]
+    heads = [k for k in mismatched if meta["num_classes"] != num_classes and flat_fresh[k].shape[-1] == num_classes]
+    if set(mismatched) - set(heads) or set(flat_loaded) - set(flat_fresh):
+        raise UserError(f"student.init {path} does not fit the student: "
+                        f"{sorted('/'.join(k) for k in set(mismatched) - set(heads))}")
+    if heads:
+        log.info("student.init: %s re-initialised (%d classes in %s, %d here)", ", ".join("/".join(k) for k in heads),
+                 meta["num_classes"], path, num_classes)
+
+    def init(variables):
+        flat = flax.traverse_util.flatten_dict(variables)
+        flat.update({k: jnp.asarray(v) for k, v in flat_loaded.items() if k not in heads})
+        return flax.traverse_util.unflatten_dict(flat)
+    return init
+
+
 def masked_cross_entropy(logits, labels, mask, smoothing):
-    """Label-smoothed CE, (1-e)*NLL + e*mean_c(-log p_c), averaged over the examples whose mask is 1."""
+    """Label-smoothed CE, (1-e)*NLL + e*mean_c(-log p_c), averaged over the examples whose mask is 1. Soft (B, C)
+    labels (mixup/cutmix targets, which carry their own smoothing) are used as they are."""
     num_classes = logits.shape[-1]
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+    targets = labels if labels.ndim == 2 else optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
     per_example = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
     return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def merge_groups(model_state):
+    """Per-group collections -> one. Running statistics: the mean over groups (the gradient is DDP's average of
+    per-rank gradients, and this is the average the reference's distribute_bn takes). Any other collection is
+    updated identically in every group, so group 0 holds it."""
+    def merge(path, x):
+        return jnp.mean(x, axis=0) if any(getattr(k, "key", None) == "batch_stats" for k in path) else x[0]
+    return jax.tree_util.tree_map_with_path(merge, model_state)
 
 
 def _groups(tree, num_groups):
@@ -96,15 +138,22 @@ class Run:
     abstract_state: Any       # ShapeDtypeStructs with shardings
     init: Callable            # rng -> TrainState (jitted, born sharded)
     train_step: Callable      # (state, teacher_vars, batch) -> (state, metrics) (jitted, state donated)
-    eval_step: Callable       # (student params, batch_stats, batch) -> metric sums (jitted)
+    eval_step: Callable       # (student params, student model_state, batch) -> metric sums (jitted)
 
     def train_batch(self, step):
         batch = data.train_batch(self.dataset.train, self.config.seed, step, self.config.data.batch_size)
         return sharding.to_global(batch, self.mesh)
 
     def evaluate(self, state):
-        return evaluate_split(self.eval_step, state.params["student"], state.batch_stats["student"],
-                              self.dataset.test, self.config.data.eval_batch_size, self.mesh)
+        """Test metrics of the student, and of its EMA (keys prefixed `ema_`) when EMA is on."""
+        split, batch_size = self.dataset.test, self.config.data.eval_batch_size
+        out = evaluate_split(self.eval_step, state.params["student"], state.model_state["student"], split,
+                             batch_size, self.mesh)
+        if state.ema is not None:
+            ema = evaluate_split(self.eval_step, state.ema["params"], state.ema["model_state"], split, batch_size,
+                                 self.mesh)
+            out.update({f"ema_{k}": v for k, v in ema.items()})
+        return out
 
 
 def build_run(config, mesh=None):
@@ -142,26 +191,33 @@ def build_run(config, mesh=None):
     example = jnp.zeros((2,) + models.input_shape(student)[1:])
     teacher_shapes = jax.eval_shape(lambda v: teacher.apply(v, example, train=False), teacher_vars) \
         if teacher else None
-    method_config = config.distill.get(config.distill.method)
-    extra = distillers.build(config.distill.method, method_config,
-                             teacher_shapes[1]["pre_logits"].shape[-1] if teacher else 0)
+    context = distillers.Context(num_classes=dataset.num_classes, num_train_examples=len(dataset.train),
+                                 teacher_dim=teacher_shapes[1]["pre_logits"].shape[-1] if teacher else 0)
+    extra = distillers.build(config.distill.method, config.distill.get(config.distill.method), context)
 
     # ---------------------------------------------------------------------------------------- state
     tx = optim.create(config.optim, steps_per_epoch)
+    ema_decay = config.ema.decay
+    init_student = student_initializer(config, student, dataset.num_classes)
 
     def init(rng):
         student_rng, extra_rng = jax.random.split(rng)
-        variables = student.init(student_rng, example, train=False)
-        params = {"student": variables["params"], "extra": {}}
-        stats = {"student": variables.get("batch_stats", {}), "extra": {}}
+        variables = dict(init_student(student.init(student_rng, example, train=False)))
+        params = {"student": variables.pop("params"), "extra": {}}
+        model_state = {"student": variables, "extra": {}}
         if extra is not None:
-            student_out = student.apply(variables, example, train=False)
+            student_out = student.apply(dict(variables, params=params["student"]), example, train=False)
             teacher_out = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), teacher_shapes)
-            extra_vars = extra.init(extra_rng, student_out, teacher_out, jnp.zeros((2,), jnp.int32), train=False)
-            params["extra"] = extra_vars.get("params", {})
-            stats["extra"] = extra_vars.get("batch_stats", {})
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-                          opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+            example_batch = {"label": jnp.zeros((2,), jnp.int32), "label_mask": jnp.ones((2,)),
+                             "index": jnp.zeros((2,), jnp.int32)}
+            extra_vars = dict(jax.vmap(lambda: extra.init(extra_rng, student_out, teacher_out, example_batch,
+                                                          train=False), axis_size=1, axis_name="group")())
+            extra_vars = jax.tree_util.tree_map(lambda x: x[0], extra_vars)
+            params["extra"] = extra_vars.pop("params", {})
+            model_state["extra"] = extra_vars
+        ema = {"params": params["student"], "model_state": model_state["student"]} if ema_decay else None
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                          opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(rng, 1)), ema=ema)
 
     abstract_state = jax.eval_shape(init, jax.random.key(0))
     state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract_state)
@@ -180,38 +236,42 @@ def build_run(config, mesh=None):
         # The teacher sees exactly the student's augmented batch, in inference mode.
         teacher_out = jax.lax.stop_gradient(teacher.apply(teacher_vars, images, train=False)) if teacher else None
 
-        def group_loss(params, images, labels, mask, teacher_out, rng):
+        def group_loss(params, images, labels, teacher_out, rng):
             # One statistics group: BatchNorm and RSD statistics over these examples only, as one DDP rank.
+            student_rng, extra_rng = jax.random.split(rng)
             student_out, new_student = student.apply(
-                {"params": params["student"], "batch_stats": state.batch_stats["student"]}, images,
-                train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-            terms = {"ce": gt_weight * masked_cross_entropy(student_out[0], labels, mask, smoothing)}
-            new_extra = state.batch_stats["extra"]
+                dict(state.model_state["student"], params=params["student"]), images,
+                train=True, mutable=list(state.model_state["student"]), rngs={"dropout": student_rng})
+            terms = {"ce": gt_weight * masked_cross_entropy(student_out[0], labels["label"], labels["label_mask"],
+                                                            smoothing)}
+            new_extra = state.model_state["extra"]
             if extra is not None:
-                extra_terms, updates = extra.apply(
-                    {"params": params["extra"], "batch_stats": state.batch_stats["extra"]}, student_out,
-                    teacher_out, labels, train=True, mutable=["batch_stats"])
+                extra_terms, new_extra = extra.apply(
+                    dict(state.model_state["extra"], params=params["extra"]), student_out, teacher_out, labels,
+                    train=True, mutable=list(state.model_state["extra"]), rngs={"dropout": extra_rng})
                 terms.update(extra_terms)
-                new_extra = updates.get("batch_stats", new_extra)
-            return sum(terms.values()), (terms, {"student": new_student["batch_stats"], "extra": new_extra})
+            return sum(terms.values()), (terms, {"student": new_student, "extra": new_extra})
 
         def loss_fn(params):
-            losses, aux = jax.vmap(group_loss, in_axes=(None, 0, 0, 0, 0, 0))(
-                params, *_groups((images, batch["label"], batch["label_mask"], teacher_out), num_groups),
+            labels = {k: batch[k] for k in ("label", "label_mask", "index")}
+            losses, (terms, model_state) = jax.vmap(group_loss, in_axes=(None, 0, 0, 0, 0), axis_name="group")(
+                params, *_groups((images, labels, teacher_out), num_groups),
                 jax.random.split(dropout_rng, num_groups))
-            # Gradients of the mean over groups = DDP's average of per-rank gradients; the running statistics'
-            # mean over groups = the average the reference's distribute_bn takes.
-            return jnp.mean(losses), jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), aux)
+            return jnp.mean(losses), (jax.tree_util.tree_map(jnp.mean, terms), merge_groups(model_state))
 
-        (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (terms, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  batch_stats=new_stats, opt_state=opt_state)
+                                  model_state=new_model_state, opt_state=opt_state)
+        if ema_decay:
+            current = {"params": new_state.params["student"], "model_state": new_state.model_state["student"]}
+            new_state = new_state.replace(ema=jax.tree_util.tree_map(
+                lambda e, x: ema_decay * e + (1 - ema_decay) * x, state.ema, current))
         metrics = dict(terms, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.tree.norm(grads))
         return new_state, metrics
 
-    def eval_step(params, batch_stats, batch):
-        logits, _ = student.apply({"params": params, "batch_stats": batch_stats},
+    def eval_step(params, model_state, batch):
+        logits, _ = student.apply(dict(model_state, params=params),
                                   eval_transform(batch["image"]), train=False)
         return metrics_sums(logits, batch["label"], batch["weight"])
 
@@ -312,11 +372,14 @@ def train_and_evaluate(config, workdir):
         last_eval = run.evaluate(state)
     best = ckpts.best_metrics()
     results = dict(last_eval, best_top1=best["top1"] if best else last_eval["top1"], steps=int(state.step))
-    student_dir = os.path.join(workdir, "student")
-    if not os.path.exists(student_dir):
-        models.save_model(student_dir, config.student.model, run.dataset.num_classes,
-                          {"params": state.params["student"], "batch_stats": state.batch_stats["student"]},
-                          overrides=_overrides(config.student), source=os.path.abspath(workdir))
+    exports = {"student": (state.params["student"], state.model_state["student"])}
+    if state.ema is not None:
+        exports["student_ema"] = (state.ema["params"], state.ema["model_state"])
+    for name, (params, model_state) in exports.items():
+        if not os.path.exists(os.path.join(workdir, name)):
+            models.save_model(os.path.join(workdir, name), config.student.model, run.dataset.num_classes,
+                              dict(model_state, params=params), overrides=_overrides(config.student),
+                              source=os.path.abspath(workdir))
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results
@@ -335,11 +398,11 @@ def metrics_sums(logits, labels, weight):
             "count": jnp.sum(weight)}
 
 
-def evaluate_split(eval_step, params, batch_stats, split, batch_size, mesh):
+def evaluate_split(eval_step, params, model_state, split, batch_size, mesh):
     """top1/top5 in percent and mean loss over a whole split."""
     totals = None
     for batch in data.eval_batches(split, batch_size):
-        sums = eval_step(params, batch_stats, sharding.to_global(batch, mesh))
+        sums = eval_step(params, model_state, sharding.to_global(batch, mesh))
         sums = jax.device_get(sums)
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
     count = float(totals["count"])

@@ -47,7 +47,7 @@ def test_eight_devices_match_one_device_with_statistics_groups(teacher_dir):
     state1, metrics1 = run_steps(one, 3)
     state8, metrics8 = run_steps(eight, 3)
     assert len(state8.params["student"]["fc"]["kernel"].sharding.device_set) == 8
-    for a, b in zip(leaves((state1.params, state1.batch_stats)), leaves((state8.params, state8.batch_stats))):
+    for a, b in zip(leaves((state1.params, state1.model_state)), leaves((state8.params, state8.model_state))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(float(metrics1["rsd"]), float(metrics8["rsd"]), rtol=1e-5)
     # The groups matter: whole-batch statistics give another loss.
@@ -142,3 +142,39 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, teacher_dir, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not os.path.exists(workdir)
+
+
+def test_ema_follows_its_recursion(teacher_dir):
+    config = tiny_config("kd", teacher_dir)
+    config.ema.decay = 0.75
+    run = train.build_run(config)
+    state = run.init(jax.random.key(0))
+    ema = leaves(state.ema)
+    for step in range(3):
+        state, _ = run.train_step(state, run.teacher_vars, run.train_batch(step))
+        jax.block_until_ready(state)
+        current = leaves({"params": state.params["student"], "model_state": state.model_state["student"]})
+        ema = [0.75 * e + 0.25 * c for e, c in zip(ema, current)]
+    for got, want in zip(leaves(state.ema), ema):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    metrics = run.evaluate(state)
+    assert {"top1", "ema_top1", "ema_top5", "ema_loss"} <= set(metrics)
+
+
+def test_student_init_loads_weights_and_reinitialises_another_head(tmp_path):
+    config = tiny_config("vanilla")
+    source = models.create_model(config.student.model, num_classes=7, **config.student.overrides)
+    variables = source.init(jax.random.key(5), np.zeros((1, 16, 16, 3), np.float32))
+    models.save_model(str(tmp_path / "src"), config.student.model, 7, variables, overrides=config.student.overrides)
+    config.student.init = str(tmp_path / "src")
+    state = train.build_run(config).init(jax.random.key(0))
+    got = state.params["student"]
+    np.testing.assert_array_equal(got["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
+    np.testing.assert_array_equal(state.model_state["student"]["batch_stats"]["bn1"]["var"],
+                                  variables["batch_stats"]["bn1"]["var"])
+    assert got["fc"]["kernel"].shape[-1] == 10
+    # Another architecture is refused with a message.
+    config.student.model = "mobilenetv2_100"
+    config.student.overrides = dict(img_size=16, channel_multiplier=0.25)
+    with pytest.raises(Exception, match="is a resnet18"):
+        train.build_run(config)

@@ -19,8 +19,8 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0):
 
 class KD(nn.Module):
     config: ml_collections.ConfigDict
-    teacher_dim: int   # unused: KD needs no extra module
+    context: object
 
-    def __call__(self, student_out, teacher_out, labels, train: bool):
+    def __call__(self, student_out, teacher_out, batch, train: bool):
         loss = kd_loss(student_out[0], teacher_out[0], temperature=self.config.temperature)
         return {"kd": self.config.loss_weight * loss}

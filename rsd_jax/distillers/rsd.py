@@ -62,7 +62,7 @@ class Projector(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         x = nn.Dense(self.gamma * x.shape[-1], use_bias=False, kernel_init=layers.trunc_normal_02, name="fc1")(x)
-        x = layers.BatchNorm(train, name="bn")(x)
+        x = layers.batch_norm(train, name="bn")(x)
         x = layers.gelu(x)
         return nn.Dense(self.out_dim, use_bias=False, kernel_init=layers.trunc_normal_02, name="fc2")(x)
 
@@ -70,12 +70,12 @@ class Projector(nn.Module):
 class RSD(nn.Module):
     """The distiller's extra module and loss: projector + RSD loss on one feature of both models."""
     config: ml_collections.ConfigDict
-    teacher_dim: int
+    context: object
 
     @nn.compact
-    def __call__(self, student_out, teacher_out, labels, train: bool):
+    def __call__(self, student_out, teacher_out, batch, train: bool):
         feature = self.config.feature
-        projected = Projector(self.teacher_dim, self.config.gamma, name="projector")(
+        projected = Projector(self.context.teacher_dim, self.config.gamma, name="projector")(
             student_out[1][feature], train)
         loss = rsd_loss(projected, teacher_out[1][feature], kappa=self.config.kappa)
         return {"rsd": self.config.loss_weight * loss}

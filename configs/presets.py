@@ -1,0 +1,87 @@
+"""The reference's recipes (RSD_SPEC §4.2) and the pieces every pair config shares.
+
+Defaults reproduce the reference's setting on 2 GPUs: a global batch of 256 in 2 statistics groups of 128 (RSD's
+standardisation and BatchNorm statistics per group, as per GPU), no learning-rate scaling with the batch.
+Where the reference has a bug (RSD_SPEC §7) the configs follow the intended behaviour; see rsd_jax/distillers.
+"""
+import ml_collections
+
+from rsd_jax.config import base_config
+
+CIFAR_CNN_STUDENTS = ("resnet18", "mobilenetv2_100")
+
+# Tiny members of each family for `:smoke` runs (32x32 inputs, a few steps, CPU).
+SMOKE_OVERRIDES = {
+    "resnet18": dict(img_size=32, widths=(8, 16, 16, 32), layers=(1, 1, 1, 1)),
+    "mobilenetv2_100": dict(img_size=32, channel_multiplier=0.25),
+    "deit_tiny_patch16_224": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+    "vit_small_patch16_224": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+    "swin_tiny_patch4_window7_224": dict(img_size=32, patch_size=2, window_size=4, embed_dim=16,
+                                         depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+    "swin_pico_patch4_window7_224": dict(img_size=32, patch_size=2, window_size=4, embed_dim=16,
+                                         depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+    "convnext_tiny": dict(img_size=32, patch_size=2, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
+    "mixer_b16_224": dict(img_size=32, patch_size=8, embed_dim=32, depth=2),
+    "resmlp_12_224": dict(img_size=32, patch_size=8, embed_dim=32, depth=2),
+}
+
+
+def cifar_cnn(c):
+    """configs/cifar/cnn.yaml: SGD-Nesterov lr 0.05, wd 2e-3, cosine to 1e-3, warmup 3 epochs from 1e-4, 300 epochs,
+    label smoothing 0.1, random resized crop + flip, no mixup."""
+    c.optim.update(dict(name="sgd", lr=0.05, momentum=0.9, weight_decay=2e-3, schedule="cosine", epochs=300,
+                        warmup_epochs=3, warmup_lr=1e-4, min_lr=1e-3, clip_grad=0.0))
+    c.distill.label_smoothing = 0.1
+    c.data.augment.update(dict(random_resized_crop=True, hflip=0.5, rand_augment="", mixup=0.0, cutmix=0.0,
+                               random_erasing=0.0))
+    return c
+
+
+def cifar_vit_mlp(c):
+    """configs/cifar/vit_mlp.yaml: AdamW lr 5e-4, wd 0.05, cosine to 1e-5, warmup 20 epochs from 5e-7, 300 epochs,
+    clip 5, RandAugment rand-m9-mstd0.5-inc1, mixup 0.8 / cutmix 1.0 (smoothing 0.1 in the targets), erasing 0.25."""
+    c.optim.update(dict(name="adamw", lr=5e-4, weight_decay=0.05, schedule="cosine", epochs=300, warmup_epochs=20,
+                        warmup_lr=5e-7, min_lr=1e-5, clip_grad=5.0))
+    c.distill.label_smoothing = 0.1
+    c.data.augment.update(dict(random_resized_crop=True, hflip=0.5, rand_augment="rand-m9-mstd0.5-inc1",
+                               mixup=0.8, cutmix=1.0, random_erasing=0.25))
+    return c
+
+
+def cifar_pair(teacher, student, arg=None):
+    """A CIFAR-100 pair of the reference's train.sh: RSD with its defaults, the student's recipe, 224 px."""
+    c = base_config()
+    c.data.update(dict(name="cifar100", data_dir="", image_size=224, batch_size=256, eval_batch_size=256))
+    c.distill.group_size = 128
+    c.distill.method = "rsd"
+    c.student.model = student
+    c.teacher.model = teacher
+    c.teacher.path = ""      # a converted teacher: python -m convert.from_torch <teacher>_cifar100.pth --out DIR
+    (cifar_cnn if student in CIFAR_CNN_STUDENTS else cifar_vit_mlp)(c)
+    c.log_every_steps = 50
+    if arg == "smoke":
+        smoke(c)
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; known: smoke")
+    return c
+
+
+def smoke(c):
+    """Tiny members of the same families on the bundled digits, a random teacher, 2 short epochs: for CI and laptops."""
+    c.data.update(dict(name="digits", data_dir="", image_size=32, batch_size=32, eval_batch_size=40,
+                       labelled_fraction=1.0))
+    c.distill.group_size = 16
+    c.student.overrides = SMOKE_OVERRIDES[c.student.model]
+    c.teacher.overrides = SMOKE_OVERRIDES[c.teacher.model]
+    c.teacher.path = "random"
+    c.optim.update(dict(epochs=2, warmup_epochs=1))
+    c.log_every_steps = 5
+    return c
+
+
+def pair_config_module(teacher, student):
+    """`get_config` for a pair file."""
+    return lambda arg=None: cifar_pair(teacher, student, arg)
+
+
+__all__ = ["cifar_pair", "pair_config_module", "SMOKE_OVERRIDES", "ml_collections"]
