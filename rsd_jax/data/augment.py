@@ -184,8 +184,9 @@ def _apply_lut(img, lut):
 
 
 def _histogram(img):
-    idx = img.astype(jnp.int32).reshape(-1, img.shape[-1])
-    return jax.vmap(lambda v: jnp.zeros(256, jnp.int32).at[v].add(1), in_axes=1)(idx)  # (C, 256)
+    c = img.shape[-1]
+    idx = (img.astype(jnp.int32) + 256 * jnp.arange(c)).reshape(-1)  # one scatter for all channels
+    return jnp.zeros(256 * c, jnp.int32).at[idx].add(1).reshape(c, 256)
 
 
 def _lut_identity(img):
@@ -193,10 +194,9 @@ def _lut_identity(img):
 
 
 def _lut_autocontrast(img):
-    hist = _histogram(img)
     levels = jnp.arange(256)
-    lo = jnp.min(jnp.where(hist > 0, levels, 255), axis=1, keepdims=True).astype(jnp.float32)
-    hi = jnp.max(jnp.where(hist > 0, levels, 0), axis=1, keepdims=True).astype(jnp.float32)
+    lo = jnp.min(img.reshape(-1, img.shape[-1]), axis=0)[:, None]  # the lowest and highest levels present
+    hi = jnp.max(img.reshape(-1, img.shape[-1]), axis=0)[:, None]
     scale = 255.0 / jnp.maximum(hi - lo, 1.0)
     lut = jnp.clip(jnp.trunc(levels * scale - lo * scale), 0, 255)
     return jnp.where(hi > lo, lut, _lut_identity(img))
@@ -423,7 +423,7 @@ def rand_augment(images, rng, spec, fill, translate_pct=0.45, translate_const=10
         sign = jnp.where(jax.random.uniform(k_sign) > 0.5, -1.0, 1.0)
         cubic = jax.random.bernoulli(k_interp)
         # Each primitive runs once with the arguments of the op drawn (vmap would run every switch branch).
-        luts, degens, blend_f, mats = [], [], [], []
+        luts, blend_f, mats = [], [], []
         kinds = []
         for name in names:
             prim, level_fn = _OPS[name]
