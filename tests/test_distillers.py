@@ -219,6 +219,11 @@ def test_ofa_token_branch_merges_to_seven_and_keeps_cls():
     variables = jax.eval_shape(lambda: branch.init(jax.random.key(0), tokens, train=False))["params"]
     assert {"merge0", "merge1", "blocks_0", "blocks_1", "blocks_2", "head"} == set(variables)
     assert variables["merge0"]["reduction"]["kernel"].shape == (32, 8)
+    # no prefix tokens (Swin, ResMLP): the merges may change the width; the head pools the mean
+    swin_like = jax.eval_shape(lambda t: ofa.TokenBranch(1, 16, 5).init_with_output(jax.random.key(0), t,
+                                                                                     train=False)[0],
+                               jnp.zeros((2, 28 * 28, 6)))
+    assert swin_like.shape == (2, 5)
     # the last of several merges has no activation: with a zero-init LayerNorm shift, its output is linear in x
     merge = ofa.PatchMerge(8, act=False)
     x = jax.random.normal(jax.random.key(1), (1, 4, 4, 8))

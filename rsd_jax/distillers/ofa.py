@@ -122,7 +122,9 @@ class TokenBranch(nn.Module):
         merges = max(math.floor(math.log2(grid.shape[1] / 7)), 0)
         for i in range(merges):
             grid = PatchMerge(self.dim, act=(i == 0 or i != merges - 1), name=f"merge{i}")(grid)
-        tokens = jnp.concatenate([prefix, grid.reshape(grid.shape[0], -1, grid.shape[-1])], axis=1)
+        tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
+        if prefix.shape[1]:
+            tokens = jnp.concatenate([prefix, tokens], axis=1)
         if tokens.shape[-1] != self.dim:
             raise ValueError(f"OFA stage {self.stage}: token width {tokens.shape[-1]} after {merges} merges is not "
                              f"the student's pre-logit width {self.dim}")
