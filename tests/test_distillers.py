@@ -1,8 +1,6 @@
 """The baseline distillers (RSD_SPEC §2): each loss against an independent torch implementation of its formula
 (values and gradients), OFA/FitNet branch shapes over CNN and token pairs, the CRD memory update, and a few
 training steps of every method."""
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np

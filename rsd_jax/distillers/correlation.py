@@ -1,13 +1,15 @@
 """Correlation congruence (CC, Peng et al., 2019) as the reference implements it (RSD_SPEC §2).
 
 Both pre-logit features get a trainable linear embedding (feat_dim, with bias; the teacher's too), and with
-delta = |e_s - e_t| the loss couples consecutive examples of the batch: L = scale * mean_i sum_k delta[i,k] delta[i+1,k].
+delta = |e_s - e_t| the loss couples consecutive examples of the batch:
+    L = scale * mean_i sum_k delta[i,k] delta[i+1,k].
+Embeddings have torch's default Linear init (uniform +-1/sqrt(fan_in)), as the reference's plain nn.Linear.
 """
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from rsd_jax.models import layers
+from rsd_jax.models.vit import torch_conv_init
 
 
 def default_config():
@@ -27,7 +29,10 @@ class Correlation(nn.Module):
     def __call__(self, student_out, teacher_out, batch, train: bool):
         c = self.config
         fs, ft = student_out[1][c.feature], teacher_out[1][c.feature]
-        dense = lambda name: nn.Dense(c.feat_dim, kernel_init=layers.trunc_normal_02, name=name)  # noqa: E731
-        es = dense("embed_s")(fs.reshape(fs.shape[0], -1))
-        et = dense("embed_t")(ft.reshape(ft.shape[0], -1))
+        def embed(x, name):
+            init = torch_conv_init(x.shape[-1])
+            return nn.Dense(c.feat_dim, kernel_init=init, bias_init=init, name=name)(x.astype(jnp.float32))
+
+        es = embed(fs.reshape(fs.shape[0], -1), "embed_s")
+        et = embed(ft.reshape(ft.shape[0], -1), "embed_t")
         return {"correlation": c.loss_weight * correlation_loss(es, et, scale=c.scale)}

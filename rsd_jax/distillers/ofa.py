@@ -32,8 +32,8 @@ from rsd_jax.distillers.dkd import hard_labels
 from rsd_jax.models import layers
 from rsd_jax.models.vit import Block
 
-# torch kaiming_normal_(mode="fan_out", nonlinearity="relu"): "normal" is untruncated in jax; flax's fan_out of an HWIO kernel
-# (grouped ones included) is torch's.
+# torch kaiming_normal_(mode="fan_out", nonlinearity="relu"): "normal" is untruncated in jax; flax's fan_out of an
+# HWIO kernel (grouped ones included) is torch's.
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 Conv = functools.partial(nn.Conv, kernel_init=kaiming_fan_out, bias_init=nn.initializers.zeros)
 Dense = functools.partial(nn.Dense, kernel_init=layers.trunc_normal_02, bias_init=nn.initializers.zeros)
