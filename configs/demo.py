@@ -18,7 +18,8 @@ def get_config(arg=None):
     c.methods = ("vanilla", "kd", "rsd")
     c.data.update(dict(name="digits", image_size=32, batch_size=64, eval_batch_size=120,
                        labelled_fraction=0.1, test_fraction=0.2))
-    c.data.augment.translate = 2
+    # Digits are small, centred and not mirror-symmetric: shifts only, and no eval resize.
+    c.data.augment.update(dict(translate=2, random_resized_crop=False, hflip=0.0, crop_pct=1.0))
     c.teacher.model = "vit_small_patch16_224"
     c.teacher.overrides = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
     c.student.model = "resnet18"

@@ -2,6 +2,7 @@
 import ml_collections
 
 from rsd_jax import distillers
+from rsd_jax.data import augment
 
 
 def base_config():
@@ -12,8 +13,8 @@ def base_config():
     c.data = ml_collections.ConfigDict(dict(
         name="digits", data_dir="", image_size=32, batch_size=64, eval_batch_size=128,
         test_fraction=0.2, labelled_fraction=1.0, split_seed=0,
-        augment=ml_collections.ConfigDict(dict(translate=0, random_resized_crop=False, hflip=0.0,
-                                               rand_augment="", mixup=0.0, cutmix=0.0, random_erasing=0.0)),
+        # On-device augmentation: the reference's CNN recipe by default (rsd_jax/data/augment.py).
+        augment=augment.default_config(),
     ))
     # student.init: "" (random) or a model directory to start from (its classifier is re-initialised when the class
     # count differs), e.g. to fine-tune a teacher from converted ImageNet weights with distill.method=vanilla.

@@ -40,7 +40,7 @@ def evaluate_workdir(workdir, which="latest"):
     dataset = data.load(config.data)
     student = train.build_student(config, dataset.num_classes)
     mesh = sharding.make_mesh()
-    transform = augment.eval_transform(config.data.augment, dataset.mean, dataset.std)
+    transform = train.eval_transform_for(config, dataset)
 
     def eval_step(params, model_state, batch):
         logits, _ = student.apply(dict(model_state, params=params), transform(batch["image"]), train=False)

@@ -24,13 +24,16 @@ def check_batch_size(global_batch, mesh):
         raise UserError(f"global batch {global_batch} is not divisible by the {mesh.size} devices")
 
 
-def to_global(batch, mesh):
-    """Global arrays from a global host batch: each process contributes the rows of its own devices."""
+def to_global(batch, mesh, local=False):
+    """Global arrays from a host batch: the global batch, of which each process contributes the rows of its own
+    devices (`data.process_rows`), or, with `local`, just this process's rows."""
+    from rsd_jax.data import process_rows
     sharding = batch_sharding(mesh)
     n, p = jax.process_count(), jax.process_index()
 
     def one(x):
-        rows = x.shape[0] // n
-        return jax.make_array_from_process_local_data(sharding, x[p * rows:(p + 1) * rows], x.shape)
+        global_rows = x.shape[0] * n if local else x.shape[0]
+        mine = x if local else x[process_rows(global_rows, p, n)]
+        return jax.make_array_from_process_local_data(sharding, mine, (global_rows,) + x.shape[1:])
 
     return jax.tree_util.tree_map(one, batch)

@@ -101,6 +101,12 @@ def student_initializer(config, student, num_classes):
     return init
 
 
+def eval_transform_for(config, dataset):
+    """The evaluation transform of a run: the reference's resize and centre crop for the student (RSD_SPEC §4.1)."""
+    return augment.eval_transform(config.data.augment, dataset.mean, dataset.std, size=config.data.image_size,
+                                  model=config.student.model)
+
+
 def masked_cross_entropy(logits, labels, mask, smoothing):
     """Label-smoothed CE, (1-e)*NLL + e*mean_c(-log p_c), averaged over the examples whose mask is 1. Soft (B, C)
     labels (mixup/cutmix targets, which carry their own smoothing) are used as they are."""
@@ -141,8 +147,9 @@ class Run:
     eval_step: Callable       # (student params, student model_state, batch) -> metric sums (jitted)
 
     def train_batch(self, step):
-        batch = data.train_batch(self.dataset.train, self.config.seed, step, self.config.data.batch_size)
-        return sharding.to_global(batch, self.mesh)
+        batch = data.train_batch(self.dataset.train, self.config.seed, step, self.config.data.batch_size,
+                                 jax.process_index(), jax.process_count())
+        return sharding.to_global(batch, self.mesh, local=True)
 
     def evaluate(self, state):
         """Test metrics of the student, and of its EMA (keys prefixed `ema_`) when EMA is on."""
@@ -176,8 +183,16 @@ def build_run(config, mesh=None):
     if batch_size % group_size:
         raise UserError(f"batch size {batch_size} is not a multiple of distill.group_size {group_size}")
     num_groups = batch_size // group_size
-    train_transform = augment.train_transform(config.data.augment, dataset.mean, dataset.std)
-    eval_transform = augment.eval_transform(config.data.augment, dataset.mean, dataset.std)
+    mixing = augment.mixing(config.data.augment)
+    if mixing:   # mixup/cutmix within each statistics group, as the reference mixes each GPU's batch
+        batch_transform = augment.train_batch_transform(
+            config.data.augment, dataset.mean, dataset.std, dataset.num_classes, config.distill.label_smoothing,
+            size=config.data.image_size, group_size=group_size)
+    else:
+        image_transform = augment.train_transform(config.data.augment, dataset.mean, dataset.std,
+                                                  size=config.data.image_size)
+        batch_transform = lambda images, labels, rng: (image_transform(images, rng), labels)   # noqa: E731
+    eval_transform = eval_transform_for(config, dataset)
 
     # ---------------------------------------------------------------------------------------- models
     student = build_student(config, dataset.num_classes)
@@ -232,7 +247,7 @@ def build_run(config, mesh=None):
     def train_step(state, teacher_vars, batch):
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         aug_rng, dropout_rng = jax.random.split(step_rng)
-        images = train_transform(batch["image"], aug_rng)
+        images, targets = batch_transform(batch["image"], batch["label"], aug_rng)
         # The teacher sees exactly the student's augmented batch, in inference mode.
         teacher_out = jax.lax.stop_gradient(teacher.apply(teacher_vars, images, train=False)) if teacher else None
 
@@ -253,7 +268,7 @@ def build_run(config, mesh=None):
             return sum(terms.values()), (terms, {"student": new_student, "extra": new_extra})
 
         def loss_fn(params):
-            labels = {k: batch[k] for k in ("label", "label_mask", "index")}
+            labels = {"label": targets, "label_mask": batch["label_mask"], "index": batch["index"]}
             losses, (terms, model_state) = jax.vmap(group_loss, in_axes=(None, 0, 0, 0, 0), axis_name="group")(
                 params, *_groups((images, labels, teacher_out), num_groups),
                 jax.random.split(dropout_rng, num_groups))
@@ -401,8 +416,8 @@ def metrics_sums(logits, labels, weight):
 def evaluate_split(eval_step, params, model_state, split, batch_size, mesh):
     """top1/top5 in percent and mean loss over a whole split."""
     totals = None
-    for batch in data.eval_batches(split, batch_size):
-        sums = eval_step(params, model_state, sharding.to_global(batch, mesh))
+    for batch in data.eval_batches(split, batch_size, jax.process_index(), jax.process_count()):
+        sums = eval_step(params, model_state, sharding.to_global(batch, mesh, local=True))
         sums = jax.device_get(sums)
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
     count = float(totals["count"])

@@ -9,7 +9,7 @@ TINY_TEACHER = dict(model="vit_small_patch16_224",
 def tiny_config(method="rsd", teacher_path="random", epochs=2, **data):
     c = base_config()
     c.data.update(dict(name="digits", image_size=16, batch_size=32, eval_batch_size=40, **data))
-    c.data.augment.translate = 1
+    c.data.augment.update(dict(translate=1, random_resized_crop=False, hflip=0.0, crop_pct=1.0))
     c.student.update(TINY_STUDENT)
     c.teacher.update(dict(TINY_TEACHER, path=teacher_path if method != "vanilla" else ""))
     c.distill.method = method

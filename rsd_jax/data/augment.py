@@ -551,7 +551,7 @@ def _size(size):
     return None if size is None else (size, size) if isinstance(size, int) else tuple(size)
 
 
-def _mixing(config):
+def mixing(config):
     return _get(config, "mixup") > 0 or _get(config, "cutmix") > 0
 
 
@@ -586,7 +586,7 @@ def _erase(config, images, rng):
 def train_transform(config, mean, std, size=None):
     """fn(images uint8 (B,H,W,C), rng) -> normalised float32 (B,*size,C); size None = the input size. Without
     mixing only: with mixup/cutmix on, use `train_batch_transform` (erasing must follow the mixing)."""
-    if _mixing(config):
+    if mixing(config):
         raise ValueError("data.augment mixup/cutmix are on: use augment.train_batch_transform, which also "
                          "returns the soft targets")
     images_fn = _image_transform(config, mean, std, _size(size))
@@ -606,7 +606,7 @@ def train_batch_transform(config, mean, std, num_classes, smoothing=0.1, size=No
     def transform(images, labels, rng):
         k_img, k_mix, k_erase = jax.random.split(rng, 3)
         images = images_fn(images, k_img)
-        if _mixing(config):
+        if mixing(config):
             images, targets = mix(images, labels, k_mix, num_classes, _get(config, "mixup"), _get(config, "cutmix"),
                                   _get(config, "mixup_prob"), _get(config, "mixup_switch_prob"), smoothing,
                                   group_size)
