@@ -110,12 +110,18 @@ class Reference:
     steps_per_epoch: int
     step_count: int = 0
     notes: tuple = ()
+    grads: dict = dataclasses.field(default_factory=dict)   # the last step's gradients (before clipping), by name
 
     def __iter__(self):
         return iter((self.student, self.teacher, self.projector, self.optimizer))
 
     def lr(self):
         return epoch_lr(self.config.optim, self.step_count // self.steps_per_epoch)
+
+    def named_parameters(self):
+        """("student.<timm name>" / "projector.<index>.<name>", parameter) over everything the optimizer trains."""
+        return [(f"{prefix}.{name}", p) for prefix, m in (("student", self.student), ("projector", self.projector))
+                if m is not None for name, p in m.named_parameters()]
 
     def parameters(self):
         return [p for m in (self.student, self.projector) if m is not None for p in m.parameters()]
@@ -167,6 +173,7 @@ class Reference:
         loss = torch.stack(totals).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.grads = {name: (None if p.grad is None else p.grad.detach().clone()) for name, p in self.named_parameters()}
         if c.optim.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.parameters(), c.optim.clip_grad)
         self.optimizer.step()
