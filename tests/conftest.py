@@ -9,7 +9,7 @@ os.environ["XLA_FLAGS"] = " ".join([
     "--xla_force_host_platform_device_count=8",
     # A stuck collective on fake devices fails fast instead of hanging CI (shared/MACHINE_NOTES.md).
     "--xla_cpu_collective_call_warn_stuck_timeout_seconds=10",
-    "--xla_cpu_collective_call_terminate_timeout_seconds=60",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=300",
 ])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/rsd_jax/jax_cache"))
