@@ -163,9 +163,25 @@ class Run:
         return out
 
 
-def build_run(config, mesh=None):
-    """Check the config, load data and models, and build the jitted init, train and eval steps."""
+def compute_dtype(config):
+    """The train step's compute dtype, `config.compute_dtype` ("float32", the default, or "bfloat16")."""
+    name = config.get("compute_dtype", "float32") or "float32"
+    if name not in ("float32", "bfloat16"):
+        raise UserError(f"unknown compute_dtype {name!r}; known: float32, bfloat16")
+    return jnp.dtype(name)
+
+
+def cast_floats(tree, dtype):
+    """Floating leaves of `tree` in `dtype` (integer leaves, e.g. CRD's indices, untouched)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def build_run(config, mesh=None, dataset=None):
+    """Check the config, load data (or take `dataset`, e.g. synthetic batches for benchmarks) and models, and build
+    the jitted init, train and eval steps."""
     distillers.check_method(config.distill.method)
+    dtype = compute_dtype(config)
 
     # ---------------------------------------------------------------------------------------- mesh
     mesh = mesh or sharding.make_mesh()
@@ -174,7 +190,7 @@ def build_run(config, mesh=None):
     replicated = sharding.replicated(mesh)
 
     # ---------------------------------------------------------------------------------------- data
-    dataset = data.load(config.data)
+    dataset = dataset or data.load(config.data)
     batch_size = config.data.batch_size
     steps_per_epoch = len(dataset.train) // batch_size
     if steps_per_epoch == 0:
@@ -202,7 +218,8 @@ def build_run(config, mesh=None):
     teacher, teacher_vars = None, None
     if distillers.needs_teacher(config.distill.method):
         teacher, teacher_vars = load_teacher(config, dataset.num_classes)
-        teacher_vars = jax.device_put(teacher_vars, replicated)
+        # Inference precision: the teacher's variables are stored in the compute dtype (bf16 halves its reads).
+        teacher_vars = jax.device_put(cast_floats(teacher_vars, dtype), replicated)
     example = jnp.zeros((2,) + models.input_shape(student)[1:])
     teacher_shapes = jax.eval_shape(lambda v: teacher.apply(v, example, train=False), teacher_vars) \
         if teacher else None
@@ -248,12 +265,17 @@ def build_run(config, mesh=None):
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         aug_rng, dropout_rng = jax.random.split(step_rng)
         images, targets = batch_transform(batch["image"], batch["label"], aug_rng)
+        # Mixed precision (compute_dtype=bfloat16): models compute on bf16 copies of the float32 parameters and
+        # inputs; gradients, optimizer state and BatchNorm statistics stay float32, and BatchNorm/LayerNorm
+        # statistics, the CE and the RSD statistics are computed in float32. float32: every cast is a no-op.
+        images = images.astype(dtype)
         # The teacher sees exactly the student's augmented batch, in inference mode.
         teacher_out = jax.lax.stop_gradient(teacher.apply(teacher_vars, images, train=False)) if teacher else None
 
         def group_loss(params, images, labels, teacher_out, rng):
             # One statistics group: BatchNorm and RSD statistics over these examples only, as one DDP rank.
             student_rng, extra_rng = jax.random.split(rng)
+            params = cast_floats(params, dtype)
             student_out, new_student = student.apply(
                 dict(state.model_state["student"], params=params["student"]), images,
                 train=True, mutable=list(state.model_state["student"]), rngs={"dropout": student_rng})

@@ -1,0 +1,142 @@
+"""PyTorch baseline for `python -m rsd_jax.bench`: the reference's distillation step, eager, on the same machine.
+
+    python -m bench.torch_bench --config configs/swin_resnet18.py --batch 16 --steps 5 [--amp] [--json]
+
+timm models (random init, the config's student and teacher), the teacher in eval mode under no_grad, the student
+and the RSD projector in train mode, CE with label smoothing + RSD from the formula on the pre-logits (one loss per
+`distill.group_size` group, as the reference's DDP ranks, run one after the other here), SGD-Nesterov with the
+reference's weight-decay rule. Inputs are already-augmented float batches on the device: the reference augments on
+the CPU in its data loader workers, so augmentation is not part of its step (rsd_jax's step includes it).
+`--amp` runs the forward passes under torch.autocast (bfloat16 by default; `--amp-dtype float16` adds a GradScaler
+like the reference's native AMP). cudnn.benchmark is on, as in the reference's train.py.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from bench import torch_reference as ref
+from rsd_jax.bench import _SOURCES, bench_config, load_config
+
+
+def rsd_loss(student, teacher, kappa):
+    """RSD_SPEC §1.1 in float32 on the features' device."""
+    s, t = student.float(), teacher.float()
+    c = ref.standardize(t).T @ ref.standardize(s) / s.shape[0]
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    cost = (c - eye) ** 2
+    return (cost * (kappa + (1 - kappa) * eye)).sum()
+
+
+def build(config, device, channels_last=False):
+    classes = _SOURCES.get(config.data.name, (100, 32))[0]
+    student = ref.create_timm(config.student.model, classes, config.student.overrides, config.seed)
+    teacher = ref.create_timm(config.teacher.model, classes, config.teacher.overrides, config.seed + 1)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    projector = ref.make_projector(student.num_features, teacher.num_features, config.distill.rsd.gamma)
+    optimizer = ref.make_optimizer(config, (student, projector))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for m in (student, teacher, projector):
+        m.to(device=device, memory_format=fmt)
+    return student, teacher, projector, optimizer
+
+
+def make_step(config, student, teacher, projector, optimizer, amp_dtype, device):
+    rsd, smoothing = config.distill.rsd, config.distill.label_smoothing
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else None
+
+    def step(images, labels):
+        group = config.distill.group_size or images.shape[0]
+        teacher.eval()
+        student.train()
+        projector.train()
+        with torch.no_grad(), (autocast() if autocast else torch.autocast(device.type, enabled=False)):
+            _, teacher_pre = ref.features(teacher, images)
+        losses = []
+        for g0 in range(0, images.shape[0], group):
+            sl = slice(g0, g0 + group)
+            with autocast() if autocast else torch.autocast(device.type, enabled=False):
+                logits, pre = ref.features(student, images[sl])
+                projected = projector(pre)
+            ce = ref.cross_entropy(logits.float(), labels[sl], smoothing)
+            losses.append(ce + rsd.loss_weight * rsd_loss(projected, teacher_pre[sl], rsd.kappa))
+        loss = torch.stack(losses).mean()
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        return loss.detach()
+    return step
+
+
+def run_bench(config, steps=5, warmup=2, amp=False, amp_dtype="bfloat16", channels_last=False):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    student, teacher, projector, optimizer = build(config, device, channels_last)
+    dtype = getattr(torch, amp_dtype) if amp else None
+    step = make_step(config, student, teacher, projector, optimizer, dtype, device)
+    b, size = config.data.batch_size, config.data.image_size
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(b, 3, size, size, generator=gen).to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = (torch.arange(b) % student.num_classes).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loss = step(images, labels)
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    t_all = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step(images, labels)
+        if device.type == "cpu":
+            times.append(time.perf_counter() - t)
+    sync()
+    step_s = statistics.median(times) if times else (time.perf_counter() - t_all) / steps
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    return {
+        "student": config.student.model, "teacher": config.teacher.model, "method": "rsd", "batch": b,
+        "image_size": size, "dtype": f"amp-{amp_dtype}" if amp else "float32", "steps": steps,
+        "device": f"{device.type}:{name}", "devices": 1, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "channels_last": channels_last, "warmup_s": round(warmup_s, 3),
+        "step_ms": round(1e3 * step_s, 2), "images_per_s": round(b / step_s, 2), "loss": float(loss),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="configs/FILE.py[:arg]")
+    parser.add_argument("--batch", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    config = bench_config(load_config(args.config), args.batch)
+    if config.distill.method != "rsd":
+        sys.exit(f"error: the torch baseline implements RSD only, the config's method is {config.distill.method}")
+    r = run_bench(config, args.steps, amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last)
+    print(json.dumps(r) if args.json else
+          f"torch {r['teacher']} -> {r['student']} {r['dtype']} batch {r['batch']} at {r['image_size']}: "
+          f"{r['images_per_s']:.1f} images/s ({r['step_ms']:.1f} ms/step) on {r['device']}")
+    return r
+
+
+if __name__ == "__main__":
+    main()

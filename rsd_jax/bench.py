@@ -1,0 +1,269 @@
+"""Throughput of the full distillation step: `python -m rsd_jax.bench --config configs/swin_resnet18.py [--batch N]
+[--steps N] [--dtype float32|bfloat16] [--json]`.
+
+The step timed is the training step itself (on-device augmentation, teacher forward, student forward and
+backward, RSD, optimizer update), with a random teacher (teacher.path=random) and one synthetic uint8 batch at
+the dataset's source resolution kept on the device, so no dataset and no host input pipeline is involved.
+Reported: images/s, compile time, FLOPs per step (XLA's cost analysis of the compiled step), peak device memory
+where the backend reports it, and MFU against the chip's dense bf16 peak where it is known.
+
+`python -m rsd_jax.bench --compare-torch --config ... --batch N` runs this bench and the PyTorch baseline
+(bench/torch_bench.py, the reference's step) alternately in fresh processes and prints the ratio.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+# Dense bf16 peak per chip (FLOP/s); H200 is the H100 chip with more memory.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+# Synthetic data: (classes, source image size or None for data.image_size) per dataset name.
+_SOURCES = {"cifar100": (100, 32), "digits": (10, None), "imagenet2012": (1000, None), "imagenet": (1000, None)}
+
+
+def load_config(spec):
+    """`FILE.py[:arg]` -> the file's get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, os.getcwd())
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def bench_config(config, batch=None, dtype="float32"):
+    """The config as benchmarked: random teacher, `batch` (statistics groups shrunk to fit), `dtype` compute."""
+    config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+    if batch:
+        config.data.batch_size = batch
+    b = config.data.batch_size
+    config.data.eval_batch_size = b
+    if config.distill.group_size and b % config.distill.group_size:
+        config.distill.group_size = b
+    config.teacher.path = "random" if config.teacher.model else ""
+    config.compute_dtype = dtype
+    config.progress_bar = False
+    return config
+
+
+def synthetic_dataset(config):
+    """Random uint8 images at the dataset's source resolution: one global batch for train and test."""
+    import numpy as np
+
+    from rsd_jax import data
+    from rsd_jax.data import cifar
+    classes, size = _SOURCES.get(config.data.name, (100, 32))
+    size = size or config.data.image_size
+    n = config.data.batch_size
+    rng = np.random.RandomState(0)
+    split = data.Split(images=rng.randint(0, 256, (n, size, size, 3)).astype(np.uint8),
+                       labels=(np.arange(n) % classes).astype(np.int32), label_mask=np.ones((n,), np.float32))
+    return data.Dataset(name=f"synthetic-{config.data.name}", num_classes=classes, mean=cifar.MEAN, std=cifar.STD,
+                        train=split, test=split)
+
+
+def peak_flops(device):
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
+
+
+def _flops(compiled):
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):      # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", 0.0)) if cost else None
+
+
+def run_bench(config, steps=5, warmup=1):
+    """Build, compile and time `steps` train steps of `config` (already passed through `bench_config`).
+    Returns a dict of the measurements (the `--json` line)."""
+    import jax
+    import numpy as np
+
+    from rsd_jax import train
+
+    t0 = time.perf_counter()
+    run = train.build_run(config, dataset=synthetic_dataset(config))
+    state = run.init(jax.random.key(config.seed))
+    batch = run.train_batch(0)
+    jax.block_until_ready((state, batch))
+    build_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    compiled = run.train_step.lower(state, run.teacher_vars, batch).compile()
+    compile_s = time.perf_counter() - t0
+    devices = run.mesh.size
+    flops_device = _flops(compiled)
+    memory = compiled.memory_analysis()
+
+    # Fake CPU devices deadlock on back-to-back sharded steps unless each is awaited (MACHINE_NOTES); elsewhere
+    # the loop never waits on the host, as in training.
+    sync_each_step = jax.default_backend() == "cpu"
+    for _ in range(warmup):
+        state, metrics = compiled(state, run.teacher_vars, batch)
+        jax.block_until_ready(state)
+    times = []
+    t_all = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, run.teacher_vars, batch)
+        if sync_each_step:
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - t)
+    jax.block_until_ready(state)
+    total_s = time.perf_counter() - t_all
+    step_s = statistics.median(times) if times else total_s / steps
+    loss = float(jax.device_get(metrics["loss"]))
+
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    b = config.data.batch_size
+    out = {
+        "student": config.student.model, "teacher": config.teacher.model, "method": config.distill.method,
+        "batch": b, "image_size": config.data.image_size, "dtype": config.compute_dtype, "steps": steps,
+        "device": f"{device.platform}:{device.device_kind}", "devices": devices, "jax": jax.__version__,
+        "build_s": round(build_s, 3), "compile_s": round(compile_s, 3), "step_ms": round(1e3 * step_s, 2),
+        "images_per_s": round(b / step_s, 2), "loss": loss,
+        # cost_analysis is of one device's SPMD program; the step's total is that times the devices.
+        "flops_per_step": flops_device * devices if flops_device else None,
+        "peak_memory_bytes": (stats or {}).get("peak_bytes_in_use"),
+        "temp_memory_bytes": getattr(memory, "temp_size_in_bytes", None) if memory is not None else None,
+    }
+    peak = peak_flops(device)
+    if out["flops_per_step"]:
+        out["tflops_per_s"] = round(out["flops_per_step"] / step_s / 1e12, 3)
+        if peak:
+            out["mfu"] = round(out["flops_per_step"] / step_s / (peak * devices), 4)
+    if not np.isfinite(loss):
+        out["error"] = "non-finite loss"
+    return out
+
+
+def _time(fn, *args, steps=3):
+    """(first call incl. compile, median later call) in seconds of a jitted fn, each call awaited."""
+    import jax
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return first, statistics.median(times)
+
+
+def breakdown(config, steps=3):
+    """Where the step's time goes: the augmentation, the teacher forward and the student's forward + backward
+    (train mode, a scalar of its outputs as the loss), each jitted and timed alone on one device."""
+    import jax
+    import jax.numpy as jnp
+
+    from rsd_jax import train
+    from rsd_jax.data import augment
+    dtype = train.compute_dtype(config)
+    dataset = synthetic_dataset(config)
+    student = train.build_student(config, dataset.num_classes)
+    teacher, teacher_vars = train.load_teacher(config, dataset.num_classes)
+    teacher_vars = train.cast_floats(teacher_vars, dtype)
+    transform = augment.train_transform(config.data.augment, dataset.mean, dataset.std, size=config.data.image_size)
+    raw = jnp.asarray(dataset.train.images)
+    images = jax.jit(transform)(raw, jax.random.key(0))
+    variables = jax.jit(lambda x: student.init(jax.random.key(0), x, train=False))(images[:1])
+
+    def student_grad(variables, x):
+        def loss(params):
+            (logits, feats), _ = student.apply(dict(variables, params=train.cast_floats(params, dtype)), x,
+                                               train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+            return jnp.sum(logits.astype(jnp.float32)) + jnp.sum(feats["pre_logits"].astype(jnp.float32))
+        return jax.grad(loss)(variables["params"])
+
+    out = {}
+    for name, fn, args in (
+            ("augment", jax.jit(transform), (raw, jax.random.key(1))),
+            ("teacher_forward", jax.jit(lambda v, x: teacher.apply(v, x, train=False)),
+             (teacher_vars, images.astype(dtype))),
+            ("student_forward_backward", jax.jit(student_grad), (variables, images.astype(dtype)))):
+        first, step = _time(fn, *args, steps=steps)
+        out[name + "_ms"] = round(1e3 * step, 2)
+        out[name + "_compile_s"] = round(first - step, 2)
+    return out
+
+
+def format_result(r):
+    parts = [f"{r['teacher']} -> {r['student']} {r['method']} {r['dtype']} batch {r['batch']} at {r['image_size']}",
+             f"{r['images_per_s']:.1f} images/s ({r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s)"]
+    if r.get("flops_per_step"):
+        parts.append(f"{r['flops_per_step'] / 1e12:.2f} TFLOP/step, {r['tflops_per_s']:.2f} TFLOP/s")
+    if "mfu" in r:
+        parts.append(f"MFU {100 * r['mfu']:.1f}% of bf16 peak")
+    if r.get("peak_memory_bytes"):
+        parts.append(f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB")
+    parts.append(f"on {r['device']} x{r['devices']}")
+    pieces = [f"{k[:-3]} {v:.1f} ms" for k, v in r.items() if k.endswith("_ms") and k != "step_ms"]
+    if pieces:
+        parts.append("alone: " + ", ".join(pieces))
+    return " | ".join(parts)
+
+
+def compare_torch(args):
+    """JAX and torch benches alternately in fresh processes; the ratio of their median images/s."""
+    common = ["--config", args.config, "--steps", str(args.steps), "--json"] + \
+        (["--batch", str(args.batch)] if args.batch else [])
+    jax_cmd = [sys.executable, "-m", "rsd_jax.bench", "--dtype", args.dtype] + common
+    torch_cmd = [sys.executable, "-m", "bench.torch_bench"] + common + (["--amp"] if args.dtype == "bfloat16" else [])
+    results = {"jax": [], "torch": []}
+    for _ in range(args.repeats):
+        for name, cmd in (("jax", jax_cmd), ("torch", torch_cmd)):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode or not lines:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            results[name].append(json.loads(lines[-1]))
+            print(f"{name}: {results[name][-1]['images_per_s']:.2f} images/s", file=sys.stderr)
+    j = statistics.median(r["images_per_s"] for r in results["jax"])
+    t = statistics.median(r["images_per_s"] for r in results["torch"])
+    summary = {"jax_images_per_s": j, "torch_images_per_s": t, "jax_over_torch": round(j / t, 3),
+               "jax_step_ms": statistics.median(r["step_ms"] for r in results["jax"]),
+               "torch_step_ms": statistics.median(r["step_ms"] for r in results["torch"]),
+               "dtype": args.dtype, "repeats": args.repeats}
+    print(json.dumps(summary) if args.json else
+          f"JAX {j:.2f} images/s, torch {t:.2f} images/s: JAX/torch = {j / t:.2f} ({args.dtype}, "
+          f"median of {args.repeats})")
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="configs/FILE.py[:arg]")
+    parser.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--json", action="store_true", help="one machine-readable line")
+    parser.add_argument("--breakdown", action="store_true", help="also time augmentation, teacher forward and "
+                        "student forward+backward alone")
+    parser.add_argument("--compare-torch", action="store_true", help="alternate with bench.torch_bench")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each with --compare-torch")
+    args = parser.parse_args(argv)
+    if args.compare_torch:
+        return compare_torch(args)
+    from rsd_jax.errors import UserError
+    try:   # no persistent compilation cache here (unless the environment sets one): compile_s is a real compile
+        config = bench_config(load_config(args.config), args.batch, args.dtype)
+        result = run_bench(config, steps=args.steps)
+        if args.breakdown:
+            result.update(breakdown(config, steps=args.steps))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result) if args.json else format_result(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
