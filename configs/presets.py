@@ -48,6 +48,62 @@ def cifar_vit_mlp(c):
     return c
 
 
+def imagenet_cnn(c):
+    """configs/imagenet/cnn.yaml: SGD-Nesterov lr 0.1, wd 1e-4, step decay x0.1 every 30 epochs, warmup 3 from 1e-4,
+    100 epochs, 64 images per GPU, smoothing 0.1, crop + flip."""
+    c.optim.update(dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step", decay_epochs=30,
+                        decay_rate=0.1, epochs=100, warmup_epochs=3, warmup_lr=1e-4, min_lr=1e-6, clip_grad=0.0))
+    c.distill.label_smoothing = 0.1
+    c.distill.group_size = 64
+    return c
+
+
+def imagenet_vit_mlp(c):
+    """configs/imagenet/vit_mlp.yaml (RSD's lr 1e-3): AdamW, wd 0.05, cosine to 1e-6, warmup 20 from 5e-7, 300
+    epochs, 128 per GPU, clip 5, RandAugment, mixup 0.8 / cutmix 1.0, erasing 0.25, drop_path 0, EMA 0.99996."""
+    c.optim.update(dict(name="adamw", lr=1e-3, weight_decay=0.05, schedule="cosine", epochs=300, warmup_epochs=20,
+                        warmup_lr=5e-7, min_lr=1e-6, clip_grad=5.0))
+    c.distill.label_smoothing = 0.1
+    c.distill.group_size = 128
+    c.data.augment.update(dict(rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, random_erasing=0.25))
+    c.student.overrides = dict(c.student.overrides, drop_path_rate=0.0)
+    c.ema.decay = 0.99996
+    return c
+
+
+def imagenet_stronger(c):
+    """configs/imagenet/stronger.yaml: LAMB lr 5e-3, wd 0.02, cosine to 1e-6, warmup 5 from 1e-6, 300 epochs, 256
+    per GPU, rand-m7-mstd0.5, mixup 0.1 / cutmix 1.0, drop_path 0.05, EMA 0.9998, eval crop_pct 0.95. Not
+    reproduced: its BCE loss (here: soft-target CE without smoothing) and repeated augmentation (aug_repeats 3)."""
+    c.optim.update(dict(name="lamb", lr=5e-3, weight_decay=0.02, schedule="cosine", epochs=300, warmup_epochs=5,
+                        warmup_lr=1e-6, min_lr=1e-6, clip_grad=0.0))
+    c.distill.label_smoothing = 0.0
+    c.distill.group_size = 256
+    c.data.augment.update(dict(rand_augment="rand-m7-mstd0.5", mixup=0.1, cutmix=1.0, random_erasing=0.0,
+                               crop_pct=0.95))
+    c.student.overrides = dict(c.student.overrides, drop_path_rate=0.05)
+    c.ema.decay = 0.9998
+    return c
+
+
+IMAGENET_RECIPES = {"cnn": imagenet_cnn, "vit_mlp": imagenet_vit_mlp, "stronger": imagenet_stronger}
+
+
+def imagenet_pair(teacher, student, recipe, gpus=8):
+    """An ImageNet-1k pair: `recipe` (cnn, vit_mlp, stronger) with the reference's per-GPU batch on `gpus` GPUs as
+    statistics groups (the OFA README trains ImageNet on 8 GPUs), 224 px, RSD with its defaults."""
+    c = base_config()
+    c.data.update(dict(name="imagenet2012", data_dir="", image_size=224))
+    c.distill.method = "rsd"
+    c.student.model = student
+    c.teacher.model = teacher
+    IMAGENET_RECIPES[recipe](c)
+    c.data.batch_size = c.distill.group_size * gpus
+    c.data.eval_batch_size = c.data.batch_size
+    c.log_every_steps = 100
+    return c
+
+
 def cifar_pair(teacher, student, arg=None):
     """A CIFAR-100 pair of the reference's train.sh: RSD with its defaults, the student's recipe, 224 px."""
     c = base_config()

@@ -1,7 +1,7 @@
 """Optimizers and LR schedules with the reference's semantics (RSD_SPEC §4.3, §4.4).
 
 * `sgd` is SGD with Nesterov momentum and L2 weight decay added to the gradient (torch.optim.SGD), `adamw` is
-  decoupled AdamW (torch.optim.AdamW). Gradients are clipped by global norm before either, as timm does.
+  decoupled AdamW (torch.optim.AdamW), `lamb` is LAMB (the reference's imagenet/stronger.yaml). Gradients are clipped by global norm before either, as timm does.
 * Weight decay applies to parameters with more than one dimension, and to nothing else: the reference builds its
   optimizer on the distiller, which has no `no_weight_decay()`, so cls_token, pos_embed and Swin's relative position
   tables are decayed, while biases, norms and layer scales are not.
@@ -51,6 +51,11 @@ def create(config, steps_per_epoch):
     elif config.name == "adamw":
         parts += [optax.adamw(lr, b1=config.betas[0], b2=config.betas[1], eps=config.eps,
                               weight_decay=config.weight_decay, mask=decay_mask)]
+    elif config.name == "lamb":
+        # optax's LAMB (layer-wise trust ratio over Adam with decoupled decay); timm's Lamb also clips the global
+        # gradient norm at 1 inside the optimizer, which `clip_grad` expresses here.
+        parts += [optax.lamb(lr, b1=config.betas[0], b2=config.betas[1], eps=config.eps,
+                             weight_decay=config.weight_decay, mask=decay_mask)]
     else:
-        raise UserError(f"unknown optimizer {config.name!r}; known: sgd (Nesterov), momentum, adamw")
+        raise UserError(f"unknown optimizer {config.name!r}; known: sgd (Nesterov), momentum, adamw, lamb")
     return optax.chain(*parts)

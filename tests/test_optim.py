@@ -65,3 +65,25 @@ def test_optimizer_steps_match_torch(name):
         params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(np.asarray(params["w"]), tw.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(params["b"]), tb.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_lamb_trust_ratio_scales_each_layer():
+    config = optim_config(name="lamb", lr=0.1, weight_decay=0.0, warmup_epochs=0, schedule="constant")
+    tx = optim.create(config, steps_per_epoch=1)
+    params = {"a": jnp.full((4, 4), 2.0), "b": jnp.full((4, 4), 0.5)}
+    grads = {"a": jnp.full((4, 4), 1.0), "b": jnp.full((4, 4), 1.0)}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Adam's first step is sign(g) (norm 4 for 16 entries); LAMB rescales it to each layer's norm: 8 and 2.
+    np.testing.assert_allclose(float(jnp.linalg.norm(updates["a"])), 0.1 * 8, rtol=1e-4)
+    np.testing.assert_allclose(float(jnp.linalg.norm(updates["b"])), 0.1 * 2, rtol=1e-4)
+
+
+def test_imagenet_presets_follow_the_reference_yamls():
+    from configs import presets
+    cnn = presets.imagenet_pair("swin_tiny_patch4_window7_224", "resnet18", "cnn")
+    assert (cnn.optim.name, cnn.optim.schedule, cnn.optim.lr, cnn.data.batch_size) == ("sgd", "step", 0.1, 512)
+    np.testing.assert_allclose(float(optim.epoch_lr(cnn.optim, 45)), 0.01, rtol=1e-6)
+    vit = presets.imagenet_pair("convnext_tiny", "deit_tiny_patch16_224", "vit_mlp")
+    assert (vit.optim.lr, vit.ema.decay, vit.data.augment.mixup) == (1e-3, 0.99996, 0.8)
+    strong = presets.imagenet_pair("convnext_tiny", "resnet50", "stronger")
+    assert (strong.optim.name, strong.data.batch_size, strong.data.augment.crop_pct) == ("lamb", 2048, 0.95)
