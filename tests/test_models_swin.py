@@ -70,7 +70,8 @@ def check_parity(timm_model, flax_model, variables, batch, seed):
     return errors
 
 
-@pytest.mark.parametrize("name", [TINY, "swin_pico_patch4_window7_224"])
+@pytest.mark.parametrize("name", [TINY, "swin_pico_patch4_window7_224", "swin_nano_patch4_window7_224",
+                                  "swin_base_patch4_window7_224"])
 def test_parity_full_size(name):
     tm = timm_swin(name, 100, seed=0)
     check_parity(tm, *port(tm, name, 100), batch=1, seed=0)
