@@ -8,6 +8,7 @@ Two kinds of directory:
 Every write goes to a temporary sibling and is renamed into place, so a crash never leaves a half-written directory.
 """
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ import orbax.checkpoint as ocp
 from rsd_jax.errors import UserError
 
 MODEL_JSON = "model.json"
+log = logging.getLogger("rsd_jax")
 
 
 class CheckpointError(UserError, ValueError):
@@ -35,7 +37,10 @@ def save_model(directory, variables, metadata):
     tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
     try:
         host = jax.tree_util.tree_map(np.asarray, jax.device_get(dict(variables)))
-        with ocp.StandardCheckpointer() as ckpt:
+        # Written by one process (process 0 of a multi-process run): no barriers with the others.
+        only_me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                     active_processes={jax.process_index()})
+        with ocp.StandardCheckpointer(multiprocessing_options=only_me) as ckpt:
             ckpt.save(os.path.join(tmp, "variables"), host)
         with open(os.path.join(tmp, MODEL_JSON), "w") as f:
             json.dump(metadata, f, indent=2, sort_keys=True)
@@ -93,14 +98,19 @@ def load_model_variables(directory, template):
 
 
 class RunCheckpoints:
-    """A run's checkpoints: `checkpoints/latest` (the two newest) and `checkpoints/best` (the best top-1)."""
+    """A run's checkpoints: `checkpoints/latest` (the two newest) and `checkpoints/best` (the best top-1).
+
+    Saves are asynchronous (orbax writes into a temporary directory and renames it when complete, so a save cut short
+    is never listed). A listed checkpoint that cannot be read (damaged on disk) is moved aside to
+    `checkpoints/unusable-<which>-<step>` with a warning and the previous one is used instead.
+    """
 
     def __init__(self, workdir):
-        root = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self._root = os.path.join(os.path.abspath(workdir), "checkpoints")
         self._latest = ocp.CheckpointManager(
-            os.path.join(root, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+            os.path.join(self._root, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=2))
         self._best = ocp.CheckpointManager(
-            os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(
+            os.path.join(self._root, "best"), options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda m: m["top1"], best_mode="max"))
 
     def latest_step(self, which="latest"):
@@ -110,31 +120,82 @@ class RunCheckpoints:
         return {"latest": self._latest, "best": self._best}[which]
 
     def save(self, state, metrics=None, best=False):
-        self._latest.save(int(state.step), args=ocp.args.StandardSave(state))
-        if best:
-            self._best.save(int(state.step), args=ocp.args.StandardSave(state), metrics=dict(metrics))
+        """Start an asynchronous save of `state` (and of the best checkpoint if `best`); False if this step is
+        already saved."""
+        step = int(state.step)
+        if step in self._latest.all_steps():
+            return False
+        self._latest.save(step, args=ocp.args.StandardSave(state))
+        if best and step not in self._best.all_steps():
+            self._best.save(step, args=ocp.args.StandardSave(state), metrics=dict(metrics))
+        return True
+
+    def wait(self):
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def _restore_newest_usable(self, which, args, repair):
+        """The newest readable checkpoint of `which` as (step, tree); with `repair`, damaged ones are moved aside
+        (so that the run's next saves are listed as the newest)."""
+        manager = self._manager(which)
+        if which == "latest":
+            steps = sorted(manager.all_steps(), reverse=True)
+        else:
+            steps = [s for s in [manager.best_step()] if s is not None]
+        problems = []
+        for step in steps:
+            try:
+                return step, manager.restore(step, args=args)
+            except Exception as e:  # orbax raises many types for a damaged directory
+                reason = _first_line(e)
+                problems.append(f"step {step}: {reason}")
+                log.warning("checkpoint %s/%s/%d is unusable (%s)%s; trying the previous one",
+                            self._root, which, step, reason, f"; moved to unusable-{which}-{step}" if repair else "")
+                if repair:
+                    self._move_aside(manager, which, step)
+        if problems:
+            raise CheckpointError(f"no usable checkpoint in {self._root}/{which} ({'; '.join(problems)}); "
+                                  f"remove {self._root} to start the run afresh")
+        return None, None
+
+    def _move_aside(self, manager, which, step):
+        if jax.process_index() == 0:
+            src = os.path.join(self._root, which, str(step))
+            dst = os.path.join(self._root, f"unusable-{which}-{step}")
+            if os.path.isdir(src):
+                shutil.rmtree(dst, ignore_errors=True)
+                os.rename(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"rsd_jax_move_aside_{which}_{step}")
+        manager.reload()
 
     def restore(self, abstract_state, which="latest"):
-        manager = self._manager(which)
-        step = manager.latest_step() if which == "latest" else manager.best_step()
-        if step is None:
-            return None
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        """The newest usable checkpoint restored into `abstract_state`'s structure and shardings, or None; damaged
+        newer ones are moved aside (for resuming training)."""
+        return self._restore_newest_usable(which, ocp.args.StandardRestore(abstract_state), repair=True)[1]
 
     def restore_raw(self, which="latest"):
         """The saved state as a plain tree (dicts of arrays), without rebuilding the run; None if none."""
-        manager = self._manager(which)
-        step = manager.latest_step() if which == "latest" else manager.best_step()
-        if step is None:
-            return None
-        return manager.restore(step, args=ocp.args.StandardRestore())
+        return self._restore_newest_usable(which, ocp.args.StandardRestore(), repair=False)[1]
 
     def best_metrics(self):
         step = self._best.best_step()
-        return None if step is None else self._best.metrics(step)
+        if step is None:
+            return None
+        try:
+            metrics = self._best.metrics(step)
+            float(metrics["top1"])
+            return metrics
+        except Exception as e:
+            log.warning("the best checkpoint's metrics are unreadable (%s); ignoring them", _first_line(e))
+            return None
 
     def close(self):
-        self._latest.wait_until_finished()
-        self._best.wait_until_finished()
+        self.wait()
         self._latest.close()
         self._best.close()
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

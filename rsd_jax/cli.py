@@ -50,6 +50,30 @@ def enable_compilation_cache():
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def init_distributed(coordinator=None, num_processes=None, process_id=None, from_environment=False):
+    """`jax.distributed.initialize` for a run over several processes: explicit (all three given) or detected from the
+    environment (SLURM, JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); nothing for one process."""
+    import os
+
+    import jax
+    if coordinator is None and num_processes is None and process_id is None and "JAX_NUM_PROCESSES" in os.environ:
+        try:    # JAX itself reads only JAX_COORDINATOR_ADDRESS; the count and index come from here
+            coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+            num_processes, process_id = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise UserError("JAX_NUM_PROCESSES needs JAX_COORDINATOR_ADDRESS and an integer JAX_PROCESS_ID") from None
+    explicit = (coordinator, num_processes, process_id)
+    if any(x is not None for x in explicit):
+        if any(x is None for x in explicit):
+            raise UserError("--coordinator, --num_processes and --process_id go together")
+        if not 0 <= process_id < num_processes:
+            raise UserError(f"--process_id {process_id} is not in 0..{num_processes - 1}")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif from_environment or "JAX_COORDINATOR_ADDRESS" in os.environ:
+        jax.distributed.initialize()
+
+
 def run_main(fn, argv=None):
     """Parse flags and run `fn(remaining_argv)`; a UserError becomes one line on stderr and exit status 2."""
     quiet_logging()

@@ -39,6 +39,8 @@ def base_config():
     c.ema = ml_collections.ConfigDict(dict(decay=0.0))     # 0 = off; the reference's ViT/MLP ImageNet: 0.99996
     c.eval_every_epochs = 1
     c.checkpoint_every_epochs = 1
+    c.checkpoint_every_steps = 0    # >0: also checkpoint every this many steps (resuming mid-epoch is exact)
+    c.skip_nonfinite_steps = False  # True: a step with a non-finite loss/gradient leaves the state as it was; False: stop
     c.stop_after_epoch = 0          # >0: leave after this epoch's checkpoint (resumable), e.g. for time-limited jobs
     c.log_every_steps = 10
     c.progress_bar = True

@@ -1,7 +1,11 @@
 """Train a distillation run: `python -m rsd_jax.main --config configs/FILE.py[:arg] --workdir DIR [--config.x=y]`.
 
-Running the same command again resumes from the latest checkpoint in DIR.
+Running the same command again resumes from the latest checkpoint in DIR. SIGTERM/SIGINT stop after the current
+step with a checkpoint. Several processes (one per host): add `--coordinator=HOST:PORT --num_processes=N
+--process_id=I`, or `--distributed` to let JAX find them (SLURM, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID in the environment).
 """
+import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -10,6 +14,10 @@ from rsd_jax.errors import UserError
 
 config_flags.DEFINE_config_file("config", None, "Python config file, optionally FILE.py:arg.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for a run over several processes.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator).")
+flags.DEFINE_bool("distributed", False, "Initialise several processes from the environment (SLURM, JAX_* vars).")
 
 
 def run(argv):
@@ -23,9 +31,13 @@ def run(argv):
         return
     if config.program != "train":
         raise UserError(f"unknown program {config.program!r}; known: train, demo")
+    cli.init_distributed(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id,
+                         flags.FLAGS.distributed)
     from rsd_jax import train
     results = train.train_and_evaluate(config, workdir)
-    if results is not None:
+    if results is None:
+        print(f"stopped early with a checkpoint; resume with the same command (workdir {workdir})")
+    elif jax.process_index() == 0:
         print(f"top1 {results['top1']:.2f} | top5 {results['top5']:.2f} | loss {results['loss']:.4f} "
               f"| best top1 {results['best_top1']:.2f}")
 

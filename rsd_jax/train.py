@@ -7,7 +7,10 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import signal
 import tempfile
+import threading
 import time
 from typing import Any, Callable
 
@@ -324,72 +327,96 @@ def build_run(config, mesh=None, dataset=None):
 
 
 def train_and_evaluate(config, workdir):
-    """Train (or resume) the run in `workdir`; returns its final metrics (also in `workdir/results.json`)."""
+    """Train (or resume) the run in `workdir`; returns its final metrics (also in `workdir/results.json`), or None
+    when it stopped early (stop_after_epoch, SIGTERM/SIGINT) with a checkpoint to resume from."""
     check_workdir(workdir)
     run = build_run(config)
     n_student = sum(x.size for x in jax.tree_util.tree_leaves(run.abstract_state.params["student"]))
     n_extra = sum(x.size for x in jax.tree_util.tree_leaves(run.abstract_state.params["extra"]))
     log.info("student %s: %.2fM parameters; %s extra: %.2fM", config.student.model, n_student / 1e6,
              config.distill.method, n_extra / 1e6)
+    check_free_space(workdir, run.abstract_state)    # before anything compiles
+    primary = jax.process_index() == 0               # only process 0 writes files other than checkpoints
 
     # ---------------------------------------------------------------------------------------- resume
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
-        with open(config_path + ".tmp", "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-        os.replace(config_path + ".tmp", config_path)
+    if primary and not os.path.exists(config_path):
+        _write_atomic(config_path, config.to_json_best_effort(indent=2, sort_keys=True))
     ckpts = checkpoint.RunCheckpoints(workdir)
     state = ckpts.restore(run.abstract_state)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
     if state is None:
         state = run.init(jax.random.key(config.seed))
     else:
         log.info("resumed from step %d", int(state.step))
+    if primary:
+        # An epoch's line is written before its checkpoint: lines past the restored step are from steps that run again.
+        _truncate_metrics(metrics_path, int(state.step))
     best = ckpts.best_metrics()
     best_top1 = best["top1"] if best else -1.0
 
     # ---------------------------------------------------------------------------------------- loop
-    # Fake CPU devices deadlock on back-to-back sharded steps unless each step is awaited (MACHINE_NOTES).
+    # Fake CPU devices deadlock on back-to-back sharded steps unless each step is awaited (MACHINE_NOTES); there
+    # a non-finite loss is caught at its step. Elsewhere the check runs every log_every_steps and before each save,
+    # without a host sync per step.
     sync_each_step = jax.default_backend() == "cpu"
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    train_step = guard_nonfinite(run.train_step, run.abstract_state) if config.get("skip_nonfinite_steps") \
+        else run.train_step
+    every_steps = config.get("checkpoint_every_steps", 0)
     total_steps, steps_per_epoch, batch_size = run.total_steps, run.steps_per_epoch, config.data.batch_size
     start_step = int(state.step)
     bar = _progress(config, total_steps, start_step)
     epoch_sums, epoch_count, t0, seen = {}, 0, time.time(), 0
-    last_eval = None
-    for step in range(start_step, total_steps):
-        state, metrics = run.train_step(state, run.teacher_vars, run.train_batch(step))
-        if sync_each_step:
-            jax.block_until_ready(state)
-        epoch_sums = metrics if not epoch_sums else jax.tree_util.tree_map(jnp.add, epoch_sums, metrics)
-        epoch_count += 1
-        seen += batch_size
-        if bar is not None and ((step + 1) % config.log_every_steps == 0 or step + 1 == total_steps):
-            m = jax.device_get(metrics)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{seen / (time.time() - t0):.1f}")
-        if bar is not None:
-            bar.update(1)
+    first_bad = None          # on device: the metrics (and step) of the first non-finite step since the last check
+    last_eval, last_saved = None, start_step
+    stop = _StopSignals()
+    stopping_after_epoch = False
 
-        if (step + 1) % steps_per_epoch:
-            continue
-        # ------------------------------------------------------------------------------------ epoch end
+    def check_finite():
+        if first_bad is None:
+            return
+        bad = jax.device_get(first_bad)
+        if bad["found"]:
+            ckpts.wait()
+            kept = ckpts.latest_step()
+            terms = [k for k in bad if k not in ("found", "step") and not np.isfinite(bad[k])]
+            raise UserError(f"non-finite {' and '.join(terms) or 'loss'} at step {int(bad['step'])}; the last good "
+                            f"checkpoint ({'step ' + str(kept) if kept is not None else 'none yet'}) is kept: lower "
+                            "optim.lr, set optim.clip_grad, or set skip_nonfinite_steps=True to skip such steps")
+
+    def save(metrics=None, best=False):
+        nonlocal last_saved
+        check_finite()
+        ckpts.save(state, metrics or {"top1": -1.0}, best=best)
+        last_saved = int(state.step)
+
+    # ------------------------------------------------------------------------------------ epoch end
+    def epoch_end():
+        nonlocal epoch_sums, epoch_count, t0, seen, last_eval, best_top1, stopping_after_epoch
+        step = int(state.step) - 1
+        check_finite()
         epoch = (step + 1) // steps_per_epoch
-        train_metrics = {k: float(v) / epoch_count for k, v in jax.device_get(epoch_sums).items()}
-        if not np.isfinite(train_metrics["loss"]):
-            bad = [k for k, v in train_metrics.items() if not np.isfinite(v)]
-            raise UserError(f"non-finite training loss in epoch {epoch} (terms: {', '.join(bad)}); "
-                            "the last good checkpoint is kept")
+        sums = jax.device_get(epoch_sums)
+        skipped = int(sums.pop("skipped", 0))
+        # After a mid-epoch resume the train metrics cover the steps run since the resume (train_steps).
+        train_metrics = {k: float(v) / max(epoch_count - skipped, 1) for k, v in sums.items()}
         record = {"epoch": epoch, "step": step + 1, **{f"train_{k}": v for k, v in train_metrics.items()},
-                  "images_per_s": seen / (time.time() - t0)}
+                  "train_steps": epoch_count, "images_per_s": seen / (time.time() - t0)}
+        if "skipped" in metrics:
+            record["skipped_steps"] = skipped
+            if skipped:
+                log.warning("epoch %d: %d steps with a non-finite loss or gradient were skipped", epoch, skipped)
         is_last = step + 1 == total_steps
         if epoch % config.eval_every_epochs == 0 or is_last:
             last_eval = run.evaluate(state)
             record.update(last_eval)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if primary:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if epoch % config.checkpoint_every_epochs == 0 or is_last:
             improved = "top1" in record and record["top1"] > best_top1
-            ckpts.save(state, {"top1": record.get("top1", -1.0)}, best=improved)
+            save({"top1": record.get("top1", -1.0)}, best=improved)
             best_top1 = max(best_top1, record.get("top1", -1.0))
         if bar is not None:
             bar.write(_format_record(record))
@@ -397,11 +424,51 @@ def train_and_evaluate(config, workdir):
             log.info(_format_record(record))
         epoch_sums, epoch_count, t0, seen = {}, 0, time.time(), 0
         if config.stop_after_epoch and epoch >= config.stop_after_epoch and not is_last:
-            log.info("stopping after epoch %d as configured; run the same command again to resume", epoch)
-            ckpts.close()
-            return None
-    if bar is not None:
-        bar.close()
+            if last_saved != step + 1:
+                save()
+            stopping_after_epoch = True
+
+    try:
+        for step in range(start_step, total_steps):
+            state, metrics = train_step(state, run.teacher_vars, run.train_batch(step))
+            if not config.get("skip_nonfinite_steps"):
+                first_bad = _first_nonfinite(first_bad, metrics, step)
+            if sync_each_step:
+                jax.block_until_ready(state)
+                check_finite()
+            epoch_sums = metrics if not epoch_sums else jax.tree_util.tree_map(jnp.add, epoch_sums, metrics)
+            epoch_count += 1
+            seen += batch_size
+            at_log = (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps
+            if at_log:
+                check_finite()
+            if bar is not None and at_log:
+                m = jax.device_get(metrics)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
+                                img_s=f"{seen / (time.time() - t0):.1f}")
+            if bar is not None:
+                bar.update(1)
+            if every_steps and (step + 1) % every_steps == 0 and (step + 1) % steps_per_epoch:
+                save()
+            if (step + 1) % steps_per_epoch == 0:
+                epoch_end()
+            if stop.requested(at_log):
+                if last_saved != step + 1:
+                    save()
+                ckpts.close()
+                log.warning("stopped by %s after step %d with a checkpoint; run the same command again to resume",
+                            stop.name, step + 1)
+                return None
+            if stopping_after_epoch:
+                log.info("stopping after epoch %d as configured; run the same command again to resume",
+                         config.stop_after_epoch)
+                ckpts.close()
+                return None
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+    check_finite()
     ckpts.close()
 
     # ---------------------------------------------------------------------------------------- results
@@ -412,14 +479,111 @@ def train_and_evaluate(config, workdir):
     exports = {"student": (state.params["student"], state.model_state["student"])}
     if state.ema is not None:
         exports["student_ema"] = (state.ema["params"], state.ema["model_state"])
-    for name, (params, model_state) in exports.items():
-        if not os.path.exists(os.path.join(workdir, name)):
-            models.save_model(os.path.join(workdir, name), config.student.model, run.dataset.num_classes,
-                              dict(model_state, params=params), overrides=_overrides(config.student),
-                              source=os.path.abspath(workdir))
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if primary:
+        for name, (params, model_state) in exports.items():
+            if not os.path.exists(os.path.join(workdir, name)):
+                models.save_model(os.path.join(workdir, name), config.student.model, run.dataset.num_classes,
+                                  dict(model_state, params=params), overrides=_overrides(config.student),
+                                  source=os.path.abspath(workdir))
+        _write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
     return results
+
+
+# ------------------------------------------------------------------------------------------------ reliability
+def check_free_space(workdir, abstract_state):
+    """Fail before compiling when the workdir's disk cannot hold a checkpoint (twice the state's bytes: orbax writes
+    the new one before deleting the oldest)."""
+    need = 2 * sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract_state))
+    probe = os.path.abspath(workdir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise UserError(f"only {free / 2**20:.1f} MiB free under {probe}; a checkpoint of this run needs about "
+                        f"{need / 2**20:.1f} MiB: free some space or choose another --workdir")
+
+
+def guard_nonfinite(train_step, abstract_state):
+    """The train step, but a step whose loss, loss terms or gradient norm are not finite leaves the state as it was
+    (except the step counter, so the data order goes on) and reports `skipped`=1 with zeroed metrics."""
+    shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract_state)
+
+    def step(state, teacher_vars, batch):
+        new, metrics = train_step(state, teacher_vars, batch)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree_util.tree_leaves(metrics)]))
+        kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state).replace(step=new.step)
+        metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+        metrics["skipped"] = 1 - finite.astype(jnp.int32)
+        return kept, metrics
+
+    return jax.jit(step, out_shardings=(shardings, None), donate_argnums=(0,))
+
+
+def _first_nonfinite(first_bad, metrics, step):
+    """Device-side bookkeeping of the first step with a non-finite metric: no host sync."""
+    finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+    current = dict(metrics, found=~finite, step=jnp.asarray(step))
+    if first_bad is None:
+        return current
+    return jax.tree_util.tree_map(lambda old, new: jnp.where(first_bad["found"], old, new), first_bad, current)
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT ask the loop to stop after the current step (with a checkpoint); a second one stops at once.
+    With several processes the request is agreed on at log steps, so every process saves the same step."""
+
+    def __init__(self):
+        self.name = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.name is not None:        # the second signal: the default behaviour
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.name = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step with a checkpoint (again to stop at once)", self.name)
+
+    def requested(self, at_log_step):
+        if jax.process_count() == 1:
+            return self.name is not None
+        if not at_log_step:
+            return False
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.asarray(self.name is not None, np.int32))
+        if np.any(flags) and self.name is None:
+            self.name = "a signal to another process"
+        return bool(np.any(flags))
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _truncate_metrics(path, step):
+    """Drop metrics.jsonl lines of steps after `step` (and any cut-off last line), so none is written twice."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(json.dumps(record) + "\n")
+    _write_atomic(path, "".join(kept))
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -457,7 +621,7 @@ def _progress(config, total_steps, start_step):
 def _format_record(r):
     parts = [f"epoch {r['epoch']}", f"loss {r['train_loss']:.4f}"]
     parts += [f"{k[6:]} {v:.4f}" for k, v in r.items() if k.startswith("train_") and k not in
-              ("train_loss", "train_lr", "train_grad_norm")]
+              ("train_loss", "train_lr", "train_grad_norm", "train_steps")]
     if "top1" in r:
         parts += [f"top1 {r['top1']:.2f}", f"top5 {r['top5']:.2f}"]
     parts.append(f"{r['images_per_s']:.1f} img/s")

@@ -1,0 +1,278 @@
+"""Reliability of a training run: exact resume after SIGKILL at any point, SIGTERM, non-finite losses, damaged
+checkpoints, several processes, and garbage input that must end in a one-line error, never a traceback.
+
+The runs are subprocesses of the tiny config (tests/tiny.py) with a small training split (11 steps per epoch), one
+CPU device each, so that results can be compared bit for bit."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from rsd_jax import checkpoint, models, train
+from rsd_jax.errors import UserError
+from tiny import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+EPOCHS = 3
+CONFIG = f'''
+import sys
+sys.path.insert(0, {TESTS!r})
+from tiny import tiny_config
+
+
+def get_config(arg="{EPOCHS}"):
+    c = tiny_config("vanilla", epochs=int(arg), test_fraction=0.8)   # 359 training images: 11 steps per epoch
+    c.ema.decay = 0.9            # resume must restore the EMA too
+    c.checkpoint_every_steps = 3
+    c.log_every_steps = 3
+    return c
+'''
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny_run.py"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+def env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+def main_args(config_file, workdir, *extra, arg=EPOCHS):
+    return [sys.executable, "-m", "rsd_jax.main", "--config", f"{config_file}:{arg}", "--workdir", str(workdir),
+            *extra]
+
+
+def run_main(config_file, workdir, *extra, arg=EPOCHS):
+    return subprocess.run(main_args(config_file, workdir, *extra, arg=arg), cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def student_leaves(workdir, name="student"):
+    _, variables = models.load_model(os.path.join(workdir, name))
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(variables)]
+
+
+def assert_one_line_error(out):
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and out.stderr.strip().splitlines()[-1].startswith("error: "), out.stderr[-3000:]
+
+
+def saved_steps(workdir):
+    root = os.path.join(workdir, "checkpoints", "latest")
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+
+
+@pytest.fixture(scope="module")
+def reference(config_file, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference") / "run")
+    out = run_main(config_file, workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+def wait_for_step(proc, workdir, step, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            return False
+        if any(s >= step for s in saved_steps(workdir)):
+            return True
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step {step} within {timeout} s")
+
+
+def test_sigkill_at_three_random_points_resumes_exactly(config_file, reference, tmp_path):
+    workdir = str(tmp_path / "killed")
+    rng = np.random.default_rng(9)
+    total = EPOCHS * 11
+    for target in sorted(rng.choice(np.arange(3, total - 3), size=3, replace=False)):
+        proc = subprocess.Popen(main_args(config_file, workdir), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        assert wait_for_step(proc, workdir, int(target))
+        time.sleep(rng.uniform(0, 0.3))      # somewhere in the next steps, maybe during an asynchronous save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    out = run_main(config_file, workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("student", "student_ema"):
+        assert all(np.array_equal(a, b) for a, b in zip(student_leaves(reference, name), student_leaves(workdir, name)))
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["epoch"] for r in lines] == list(range(1, EPOCHS + 1))
+    want = [json.loads(line) for line in open(os.path.join(reference, "metrics.jsonl"))]
+    assert lines[-1]["top1"] == want[-1]["top1"]
+
+
+def test_sigterm_saves_a_resumable_checkpoint(config_file, reference, tmp_path):
+    workdir = str(tmp_path / "term")
+    proc = subprocess.Popen(main_args(config_file, workdir), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert wait_for_step(proc, workdir, 4)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resume" in stdout and "SIGTERM" in stderr
+    assert not os.path.exists(os.path.join(workdir, "student"))
+    step = max(saved_steps(workdir))
+    assert 4 <= step < EPOCHS * 11
+    out = run_main(config_file, workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from step {step}" in out.stderr
+    assert all(np.array_equal(a, b) for a, b in zip(student_leaves(reference), student_leaves(workdir)))
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(config_file, tmp_path):
+    workdir = str(tmp_path / "nan")
+    out = run_main(config_file, workdir, "--config.optim.lr=1e30", "--config.optim.warmup_epochs=0", arg=1)
+    assert_one_line_error(out)
+    assert "non-finite" in out.stderr and "at step" in out.stderr, out.stderr[-2000:]
+    assert not os.path.exists(os.path.join(workdir, "student"))
+    for step in saved_steps(workdir):        # whatever was saved was finite
+        state = checkpoint.RunCheckpoints(workdir).restore_raw()
+        assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"])), step
+
+
+def test_too_little_disk_space_is_reported_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    monkeypatch.setattr(train, "_StopSignals", None)      # the loop is never reached
+    with pytest.raises(UserError, match="MiB free .* checkpoint of this run needs"):
+        train.train_and_evaluate(tiny_config("vanilla"), str(tmp_path / "full"))
+    assert not os.path.exists(tmp_path / "full")
+
+
+def test_skip_nonfinite_steps_keeps_the_state_and_counts():
+    run = train.build_run(tiny_config("vanilla"))
+    step_fn = train.guard_nonfinite(run.train_step, run.abstract_state)
+    state = run.init(jax.random.key(0))
+    before = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]
+    batch = run.train_batch(0)
+    poisoned = dict(batch, image=batch["image"].astype(np.float32) * np.nan)
+    state, metrics = step_fn(state, run.teacher_vars, poisoned)
+    jax.block_until_ready(state)
+    assert int(metrics["skipped"]) == 1 and int(state.step) == 1 and float(metrics["loss"]) == 0.0
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree_util.tree_leaves(state.params)))
+    state, metrics = step_fn(state, run.teacher_vars, run.train_batch(1))
+    jax.block_until_ready(state)
+    assert int(metrics["skipped"]) == 0 and np.isfinite(float(metrics["loss"]))
+    assert not all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree_util.tree_leaves(state.params)))
+
+
+def damage(directory, rng, mode):
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs)
+    for path in files:
+        size = os.path.getsize(path)
+        if mode == "truncate":
+            with open(path, "r+b") as f:
+                f.truncate(size // 2)
+        elif rng.random() < 0.5:
+            with open(path, "r+b") as f:
+                f.seek(int(rng.integers(0, max(size, 1))))
+                f.write(rng.bytes(int(rng.integers(1, 64))))
+    return files
+
+
+def test_truncated_latest_checkpoint_falls_back_and_none_usable_is_an_error(config_file, tmp_path):
+    workdir = str(tmp_path / "trunc")
+    out = run_main(config_file, workdir, "--config.stop_after_epoch=1", arg=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = saved_steps(workdir)
+    assert steps == [9, 11]
+    damage(os.path.join(workdir, "checkpoints", "latest", "11"), None, "truncate")
+    out = run_main(config_file, workdir, "--config.stop_after_epoch=1", arg=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "unusable" in out.stderr and "resumed from step 9" in out.stderr, out.stderr[-3000:]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "unusable-latest-11"))
+    assert saved_steps(workdir) == [9, 11]       # step 11 written again
+    for step in saved_steps(workdir):
+        damage(os.path.join(workdir, "checkpoints", "latest", str(step)), None, "truncate")
+    out = run_main(config_file, workdir, arg=2)
+    assert_one_line_error(out)
+    assert "no usable checkpoint" in out.stderr
+
+
+def test_fuzzed_checkpoint_files_never_crash(config_file, tmp_path):
+    rng = np.random.default_rng(0)
+    workdir = str(tmp_path / "fuzz")
+    out = run_main(config_file, workdir, "--config.stop_after_epoch=1", arg=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for step in saved_steps(workdir):
+        damage(os.path.join(workdir, "checkpoints", "latest", str(step)), rng, "random")
+    out = run_main(config_file, workdir, arg=2)
+    if out.returncode != 0:
+        assert_one_line_error(out)
+    # Model directories: garbage model.json and variables are CheckpointErrors.
+    model_dir = str(tmp_path / "model")
+    net = models.create_model("resnet18", num_classes=10, **tiny_config().student.overrides)
+    models.save_model(model_dir, "resnet18", 10, net.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32)),
+                      overrides=tiny_config().student.overrides)
+    for trial in range(3):
+        damage(os.path.join(model_dir, "variables"), rng, "random")
+        try:
+            models.load_model(model_dir)
+        except checkpoint.CheckpointError:
+            pass
+    for garbage in (rng.bytes(40), b"[1, 2]", b'{"model": "resnet18", "num_classes": "ten"}', b"\xff\xfe"):
+        with open(os.path.join(model_dir, "model.json"), "wb") as f:
+            f.write(garbage)
+        with pytest.raises(checkpoint.CheckpointError):
+            models.load_model(model_dir)
+
+
+FUZZ_VALUES = ["-1", "0", "nan", "1e30", "abc", "''", "[]", "-0.5", "99999999999"]
+FUZZ_KEYS = ["data.batch_size", "data.eval_batch_size", "data.image_size", "data.test_fraction", "optim.lr",
+             "optim.epochs", "optim.name", "optim.schedule", "optim.warmup_epochs", "distill.method",
+             "distill.group_size", "ema.decay", "eval_every_epochs", "checkpoint_every_steps", "student.model",
+             "data.augment.translate", "seed", "log_every_steps"]
+
+
+def test_fuzzed_config_overrides_are_one_line_errors_or_run(config_file, tmp_path):
+    rng = np.random.default_rng(1)
+    for trial in range(4):
+        overrides = [f"--config.{k}={rng.choice(FUZZ_VALUES)}" for k in rng.choice(FUZZ_KEYS, 2, replace=False)]
+        out = run_main(config_file, tmp_path / f"f{trial}", "--config.optim.epochs=1", *overrides, arg=1)
+        if out.returncode != 0:
+            assert_one_line_error(out)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(config_file, tmp_path):
+    """Two processes with one CPU device each (gloo collectives) against one process, same global batch; kept small
+    (1 epoch of 11 steps) for two shared cores. Reductions run in another order: close, not bitwise."""
+    one = run_main(config_file, tmp_path / "one", arg=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = free_port()
+    procs = [subprocess.Popen(main_args(config_file, tmp_path / "two", f"--coordinator=127.0.0.1:{port}",
+                                        "--num_processes=2", f"--process_id={i}", arg=1),
+                              cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "top1" in outs[0][0] and "top1" not in outs[1][0]     # only process 0 reports and writes
+    for a, b in zip(student_leaves(tmp_path / "one"), student_leaves(tmp_path / "two")):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+    lines = open(tmp_path / "two" / "metrics.jsonl").read().splitlines()
+    assert len(lines) == 1
