@@ -3,8 +3,9 @@
 #   bash bench/gpu_check.sh [BATCH] [STEPS]
 # Swin-T -> ResNet18 RSD at 224, batch 256 (2 statistics groups of 128, as the reference on 2 GPUs): the JAX step
 # in fp32 and bf16, the torch baseline in fp32 and AMP (bf16 autocast), one fresh process each, then a table.
-# Budget: about 1-2 min of compile per JAX run, a few seconds per torch warm-up; every run is capped by `timeout`
-# (150+150+60+60 s) so the whole script stays under 8 minutes.
+# Budget: about 1-2 min of build (the random teacher is initialised op by op) and compile per JAX run, a few
+# seconds of torch warm-up; every run is capped by `timeout`
+# (165+165+55+55 s) so the whole script stays under 8 minutes.
 set -u
 cd "$(dirname "$0")/.."
 BATCH=${1:-256}
@@ -29,10 +30,10 @@ run() {   # name, seconds, command...
   [ $rc -eq 0 ] || tail -5 "$OUT/$name.err" >&2
 }
 
-run jax_fp32   150 $PY -m rsd_jax.bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --dtype float32
-run jax_bf16   150 $PY -m rsd_jax.bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --dtype bfloat16
-run torch_fp32  60 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS"
-run torch_amp   60 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --amp
+run jax_fp32   165 $PY -m rsd_jax.bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --dtype float32
+run jax_bf16   165 $PY -m rsd_jax.bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --dtype bfloat16
+run torch_fp32  55 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS"
+run torch_amp   55 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --amp
 
 $PY - "$OUT" <<'PY'
 import json, os, sys
