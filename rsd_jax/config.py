@@ -37,6 +37,9 @@ def base_config():
     ))
     # EMA of the student (timm ModelEmaV2: parameters and BatchNorm statistics), evaluated and checkpointed with it.
     c.ema = ml_collections.ConfigDict(dict(decay=0.0))     # 0 = off; the reference's ViT/MLP ImageNet: 0.99996
+    # Compute dtype of the train step: "bfloat16" computes in bf16 with float32 parameters, optimizer state, norm
+    # statistics, losses and RSD statistics (rsd_jax/train.py: compute_dtype).
+    c.compute_dtype = "float32"
     c.eval_every_epochs = 1
     c.checkpoint_every_epochs = 1
     c.checkpoint_every_steps = 0    # >0: also checkpoint every this many steps (resuming mid-epoch is exact)
