@@ -125,8 +125,11 @@ class RunCheckpoints:
         step = int(state.step)
         if step in self._latest.all_steps():
             return False
+        digest = state_digest(state)
+        self._write_digest("latest", step, digest)
         self._latest.save(step, args=ocp.args.StandardSave(state))
         if best and step not in self._best.all_steps():
+            self._write_digest("best", step, digest)
             self._best.save(step, args=ocp.args.StandardSave(state), metrics=dict(metrics))
         return True
 
@@ -145,7 +148,9 @@ class RunCheckpoints:
         problems = []
         for step in steps:
             try:
-                return step, manager.restore(step, args=args)
+                tree = manager.restore(step, args=args)
+                _verify_digest(self._read_digest(which, step), tree)
+                return step, tree
             except Exception as e:  # orbax raises many types for a damaged directory
                 reason = _first_line(e)
                 problems.append(f"step {step}: {reason}")
@@ -157,6 +162,35 @@ class RunCheckpoints:
             raise CheckpointError(f"no usable checkpoint in {self._root}/{which} ({'; '.join(problems)}); "
                                   f"remove {self._root} to start the run afresh")
         return None, None
+
+    def _digest_path(self, which, step):
+        return os.path.join(self._root, "digests", f"{which}-{step}.json")
+
+    def _write_digest(self, which, step, digest):
+        """Checksums of the state being saved, beside orbax's directories (orbax keeps no per-step metrics without
+        best_fn); those of steps no longer kept are removed."""
+        if jax.process_index() != 0:
+            return
+        path = self._digest_path(which, step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(digest, f)
+        os.replace(path + ".tmp", path)
+        keep = set(self._manager(which).all_steps()) | {step}
+        for name in os.listdir(os.path.dirname(path)):
+            w, _, rest = name.partition("-")
+            if w == which and rest.endswith(".json") and rest[:-5].isdigit() and int(rest[:-5]) not in keep:
+                os.remove(os.path.join(os.path.dirname(path), name))
+
+    def _read_digest(self, which, step):
+        path = self._digest_path(which, step)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            digest = json.load(f)
+        if not isinstance(digest, dict):
+            raise CheckpointError(f"{path} is not a checksum table")
+        return digest
 
     def _move_aside(self, manager, which, step):
         if jax.process_index() == 0:
@@ -195,6 +229,43 @@ class RunCheckpoints:
         self.wait()
         self._latest.close()
         self._best.close()
+
+
+def _leaf_digest(x):
+    """A uint32 checksum of an array's bytes (position-weighted sum, wrapping): orbax reads flipped bytes in its data
+    files without complaint, so a checkpoint carries these to be checked against after restoring."""
+    x = jax.numpy.asarray(x).ravel()
+    if x.dtype == bool:
+        bits = x.astype(np.uint32)
+    else:
+        bits = jax.lax.bitcast_convert_type(x, {4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize])
+        bits = bits.astype(np.uint32)
+    weights = jax.lax.iota(np.uint32, x.size) * np.uint32(2654435761) + np.uint32(1)
+    return jax.numpy.sum(bits * weights, dtype=np.uint32)
+
+
+_digests = jax.jit(lambda leaves: [_leaf_digest(x) for x in leaves])
+
+
+def _path_name(path):
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def state_digest(tree):
+    """{leaf path: checksum} of a state, the same for a TrainState and the plain tree restored from it."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    values = jax.device_get(_digests([x for _, x in flat]))
+    return {_path_name(p): int(v) for (p, _), v in zip(flat, values)}
+
+
+def _verify_digest(digest, tree):
+    if digest is None:     # written before checksums existed
+        return
+    got = state_digest(tree)
+    bad = sorted(k for k, v in digest.items() if got.get(k) != v)
+    if bad:
+        raise CheckpointError(f"contents differ from their checksums ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''})")
 
 
 def _first_line(e):

@@ -74,9 +74,18 @@ def init_distributed(coordinator=None, num_processes=None, process_id=None, from
         jax.distributed.initialize()
 
 
+def _quiet_closed_event_loops(unraisable, default=sys.unraisablehook):
+    """orbax's asyncio helpers, after a failed restore of a damaged checkpoint (which we report ourselves), print an
+    ignored 'Event loop is closed' traceback; only that one is silenced."""
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+        return
+    default(unraisable)
+
+
 def run_main(fn, argv=None):
     """Parse flags and run `fn(remaining_argv)`; a UserError becomes one line on stderr and exit status 2."""
     quiet_logging()
+    sys.unraisablehook = _quiet_closed_event_loops
     enable_compilation_cache()
     try:
         fn(parse_flags(sys.argv if argv is None else argv))

@@ -154,7 +154,7 @@ def test_too_little_disk_space_is_reported_before_training(tmp_path, monkeypatch
 
 
 def test_skip_nonfinite_steps_keeps_the_state_and_counts():
-    run = train.build_run(tiny_config("vanilla"))
+    run = train.build_run(tiny_config("vanilla"), jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
     step_fn = train.guard_nonfinite(run.train_step, run.abstract_state)
     state = run.init(jax.random.key(0))
     before = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]
@@ -203,6 +203,26 @@ def test_truncated_latest_checkpoint_falls_back_and_none_usable_is_an_error(conf
     assert "no usable checkpoint" in out.stderr
 
 
+def test_flipped_bytes_in_array_data_are_caught(tmp_path):
+    config = tiny_config("vanilla", test_fraction=0.8)
+    run = train.build_run(config, jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    state = run.init(jax.random.key(0))
+    ckpts = checkpoint.RunCheckpoints(str(tmp_path))
+    for step in (1, 2):
+        ckpts.save(state.replace(step=step))
+    ckpts.close()
+    data_files = sorted((os.path.getsize(os.path.join(r, f)), os.path.join(r, f))
+                        for r, _, fs in os.walk(tmp_path / "checkpoints" / "latest" / "2") for f in fs
+                        if os.sep + "d" + os.sep in os.path.join(r, f))
+    path = data_files[-1][1]                       # the largest array data file
+    blob = bytearray(open(path, "rb").read())
+    blob[len(blob) // 2:len(blob) // 2 + 8] = bytes(255 - x for x in blob[len(blob) // 2:len(blob) // 2 + 8])
+    open(path, "wb").write(blob)
+    restored = checkpoint.RunCheckpoints(str(tmp_path)).restore(run.abstract_state)
+    assert int(restored.step) == 1
+    assert os.path.isdir(tmp_path / "checkpoints" / "unusable-latest-2")
+
+
 def test_fuzzed_checkpoint_files_never_crash(config_file, tmp_path):
     rng = np.random.default_rng(0)
     workdir = str(tmp_path / "fuzz")
@@ -213,6 +233,8 @@ def test_fuzzed_checkpoint_files_never_crash(config_file, tmp_path):
     out = run_main(config_file, workdir, arg=2)
     if out.returncode != 0:
         assert_one_line_error(out)
+    else:    # flipped bytes that orbax reads without complaint are caught by the checksums
+        assert "unusable" in out.stderr, out.stderr[-3000:]
     # Model directories: garbage model.json and variables are CheckpointErrors.
     model_dir = str(tmp_path / "model")
     net = models.create_model("resnet18", num_classes=10, **tiny_config().student.overrides)
