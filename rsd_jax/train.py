@@ -61,7 +61,9 @@ def load_teacher(config, num_classes):
     if path == "random":
         log.warning("teacher.path=random: the teacher is randomly initialised (smoke tests and benchmarks only)")
         teacher = models.create_model(config.teacher.model, num_classes=num_classes, **_overrides(config.teacher))
-        variables = teacher.init(jax.random.key(config.seed + 1), jnp.zeros(models.input_shape(teacher)))
+        # jitted: op-by-op initialisation of a full-size teacher takes about a minute on CPU
+        init = jax.jit(lambda rng: teacher.init(rng, jnp.zeros(models.input_shape(teacher)), train=False))
+        variables = init(jax.random.key(config.seed + 1))
         return teacher, variables
     if not os.path.isdir(path):
         raise UserError(f"teacher directory {path} does not exist")
@@ -71,6 +73,14 @@ def load_teacher(config, num_classes):
     if meta["num_classes"] != num_classes:
         raise UserError(f"teacher {path} has {meta['num_classes']} classes, the dataset {num_classes}")
     return models.load_model(path)
+
+
+def _awaited(fn):
+    """`fn` whose result is ready when it returns, on CPU: fake CPU devices deadlock when a sharded computation
+    follows another that has not finished (shared/MACHINE_NOTES.md); the training loop awaits each step itself."""
+    if jax.default_backend() != "cpu":
+        return fn
+    return lambda *args: jax.block_until_ready(fn(*args))
 
 
 def student_initializer(config, student, num_classes):
@@ -320,7 +330,7 @@ def build_run(config, mesh=None, dataset=None):
         config=config, mesh=mesh, dataset=dataset, student=student, teacher=teacher, teacher_vars=teacher_vars,
         steps_per_epoch=steps_per_epoch, total_steps=config.optim.epochs * steps_per_epoch,
         abstract_state=abstract_state,
-        init=jax.jit(init, out_shardings=state_sharding),
+        init=_awaited(jax.jit(init, out_shardings=state_sharding)),
         train_step=jax.jit(train_step, in_shardings=(state_sharding, replicated, batch_spec),
                            out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
         eval_step=jax.jit(eval_step, out_shardings=replicated))
