@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from rsd_jax.models.vit import torch_conv_init
+from rsd_jax.models import layers
 
 
 def default_config():
@@ -30,7 +30,7 @@ class Correlation(nn.Module):
         c = self.config
         fs, ft = student_out[1][c.feature], teacher_out[1][c.feature]
         def embed(x, name):
-            init = torch_conv_init(x.shape[-1])
+            init = layers.torch_default_init(x.shape[-1])
             return nn.Dense(c.feat_dim, kernel_init=init, bias_init=init, name=name)(x.astype(jnp.float32))
 
         es = embed(fs.reshape(fs.shape[0], -1), "embed_s")

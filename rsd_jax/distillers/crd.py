@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rsd_jax.models.vit import torch_conv_init
+from rsd_jax.models import layers
 
 NCE_EPS = 1e-7
 
@@ -67,7 +67,7 @@ class CRD(nn.Module):
         fs, ft = fs.reshape(fs.shape[0], -1), ft.reshape(ft.shape[0], -1)
 
         def embed(x, name):
-            init = torch_conv_init(x.shape[-1])
+            init = layers.torch_default_init(x.shape[-1])
             return l2_normalize(nn.Dense(d, kernel_init=init, bias_init=init, name=name)(x.astype(jnp.float32)))
 
         vs, vt = embed(fs, "embed_s"), embed(ft, "embed_t")

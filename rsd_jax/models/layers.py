@@ -59,6 +59,13 @@ def LayerNorm(epsilon=1e-5, name=None, **kwargs):
     return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name, **kwargs)
 
 
+def torch_default_init(fan_in):
+    """torch.nn.Linear's and Conv2d's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weights and biases that timm
+    leaves at it (ResNet's fc, ViT's patch conv, plain Linear embeddings of CRD and CC)."""
+    bound = fan_in ** -0.5
+    return lambda key, shape, dtype=jnp.float32: nn.initializers.uniform(2 * bound)(key, shape, dtype) - bound
+
+
 class DropPath(nn.Module):
     """Stochastic depth per example (timm DropPath): drop the residual branch with probability `rate`."""
     rate: float = 0.0

@@ -32,12 +32,6 @@ def conv(features, kernel, stride, name):
                    use_bias=False, kernel_init=conv_init, name=name)
 
 
-def torch_linear_init(fan_in):
-    """torch.nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias (timm keeps it for fc)."""
-    bound = fan_in ** -0.5
-    return lambda key, shape, dtype=jnp.float32: nn.initializers.uniform(2 * bound)(key, shape, dtype) - bound
-
-
 class Block(nn.Module):
     """BasicBlock (3x3, 3x3) or Bottleneck (1x1, 3x3, 1x1, 4x expansion); stride on the 3x3 conv."""
     planes: int
@@ -100,8 +94,8 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
         features["pre_logits"] = x
-        logits = nn.Dense(self.num_classes, kernel_init=torch_linear_init(channels),
-                          bias_init=torch_linear_init(channels), name="fc")(x)
+        logits = nn.Dense(self.num_classes, kernel_init=layers.torch_default_init(channels),
+                          bias_init=layers.torch_default_init(channels), name="fc")(x)
         return logits, features
 
 

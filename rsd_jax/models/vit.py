@@ -46,12 +46,6 @@ def default_stage_blocks(depth):
     return tuple(out)
 
 
-def torch_conv_init(fan_in):
-    """torch.nn.Conv2d's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (timm leaves the patch conv at it)."""
-    bound = fan_in ** -0.5
-    return lambda key, shape, dtype=jnp.float32: nn.initializers.uniform(2 * bound)(key, shape, dtype) - bound
-
-
 class PatchEmbed(nn.Module):
     patch_size: int
     embed_dim: int
@@ -59,8 +53,9 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x):
         p, fan_in = self.patch_size, self.patch_size ** 2 * x.shape[-1]
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", kernel_init=torch_conv_init(fan_in),
-                    bias_init=torch_conv_init(fan_in), name="proj")(x)
+        init = layers.torch_default_init(fan_in)
+        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", kernel_init=init, bias_init=init,
+                    name="proj")(x)
         return x.reshape(x.shape[0], -1, x.shape[-1])   # row-major patches, as torch's flatten(2).transpose(1, 2)
 
 
