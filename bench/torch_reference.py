@@ -173,7 +173,8 @@ class Reference:
         loss = torch.stack(totals).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.grads = {name: (None if p.grad is None else p.grad.detach().clone()) for name, p in self.named_parameters()}
+        self.grads = {name: None if p.grad is None else p.grad.detach().clone()
+                      for name, p in self.named_parameters()}
         if c.optim.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.parameters(), c.optim.clip_grad)
         self.optimizer.step()
