@@ -4,6 +4,7 @@ import json
 import logging
 
 import jax
+from jax.sharding import Mesh
 import numpy as np
 
 from rsd_jax import bench, train
@@ -25,7 +26,8 @@ def test_bench_runs_at_smoke_size_and_reports_its_fields():
 def _one_step(dtype):
     config = tiny_config("rsd")
     config.compute_dtype = dtype
-    run = train.build_run(config, dataset=bench.synthetic_dataset(bench.bench_config(config)))
+    run = train.build_run(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)),
+                          dataset=bench.synthetic_dataset(bench.bench_config(config)))
     state = run.init(jax.random.key(0))
     before = jax.device_get(state.params)
     state, metrics = run.train_step(state, run.teacher_vars, run.train_batch(0))
@@ -51,7 +53,8 @@ def test_bfloat16_step_agrees_with_float32():
 
 def test_train_step_compiles_once_and_donates_the_state(caplog):
     config = tiny_config("rsd")
-    run = train.build_run(config, dataset=bench.synthetic_dataset(bench.bench_config(config)))
+    run = train.build_run(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)),
+                          dataset=bench.synthetic_dataset(bench.bench_config(config)))
     state = run.init(jax.random.key(0))
     state, _ = run.train_step(state, run.teacher_vars, run.train_batch(0))
     jax.block_until_ready(state)

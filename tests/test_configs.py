@@ -6,6 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 
 from rsd_jax import models, train
 
@@ -34,7 +35,9 @@ def test_twelve_pairs_with_reference_settings():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p)[:-3] for p in CONFIGS])
 def test_smoke_config_trains(path):
-    run = train.build_run(load(path, "smoke"))
+    # One device: this checks the configs; sharding is tests/test_train.py's job (and 8 fake CPU devices under a
+    # loaded CI machine have aborted in XLA's collective watchdog here).
+    run = train.build_run(load(path, "smoke"), Mesh(np.asarray(jax.devices()[:1]), ("data",)))
     state = run.init(jax.random.key(0))
     state, metrics = run.train_step(state, run.teacher_vars, run.train_batch(0))
     jax.block_until_ready(state)
