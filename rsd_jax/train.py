@@ -63,7 +63,7 @@ def load_teacher(config, num_classes):
         teacher = models.create_model(config.teacher.model, num_classes=num_classes, **_overrides(config.teacher))
         # jitted: op-by-op initialisation of a full-size teacher takes about a minute on CPU
         init = jax.jit(lambda rng: teacher.init(rng, jnp.zeros(models.input_shape(teacher)), train=False))
-        variables = init(jax.random.key(config.seed + 1))
+        variables = jax.block_until_ready(init(jax.random.key(config.seed + 1)))
         return teacher, variables
     if not os.path.isdir(path):
         raise UserError(f"teacher directory {path} does not exist")
