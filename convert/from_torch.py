@@ -23,7 +23,7 @@ import zipfile
 
 import numpy as np
 
-from convert import core
+from convert import core, run_cli
 from rsd_jax import models
 from rsd_jax.errors import UserError
 
@@ -361,13 +361,7 @@ def _family_or_error(name):
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    try:
-        run(args)
-    except (UserError, core.ConversionError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(parser, run, argv)
 
 
 if __name__ == "__main__":

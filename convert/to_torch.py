@@ -13,7 +13,7 @@ import tempfile
 
 import numpy as np
 
-from convert import core, verify
+from convert import core, run_cli, verify
 from rsd_jax import checkpoint, models
 from rsd_jax.errors import UserError
 
@@ -100,13 +100,7 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    try:
-        run(args)
-    except (UserError, core.ConversionError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(parser, run, argv)
 
 
 if __name__ == "__main__":
