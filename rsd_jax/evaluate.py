@@ -40,15 +40,10 @@ def evaluate_workdir(workdir, which="latest"):
     dataset = data.load(config.data)
     student = train.build_student(config, dataset.num_classes)
     mesh = sharding.make_mesh()
-    transform = train.eval_transform_for(config, dataset)
-
-    def eval_step(params, model_state, batch):
-        logits, _ = student.apply(dict(model_state, params=params), transform(batch["image"]), train=False)
-        return train.metrics_sums(logits, batch["label"], batch["weight"])
-
+    eval_step = train.make_eval_step(student, train.eval_transform_for(config, dataset))
     params = jax.device_put(state["params"]["student"], sharding.replicated(mesh))
     stats = jax.device_put(state["model_state"]["student"], sharding.replicated(mesh))
-    return train.evaluate_split(jax.jit(eval_step), params, stats, dataset.test, config.data.eval_batch_size,
+    return train.evaluate_split(eval_step, params, stats, dataset.test, config.data.eval_batch_size,
                                 mesh)
 
 
@@ -69,14 +64,10 @@ def evaluate_model(model_dir, dataset="cifar100", data_dir="", batch_size=128):
     # The reference's eval resize for this model (crop_pct, interpolation), to the model's input size.
     transform = augment.eval_transform(data_config.augment, dataset.mean, dataset.std, size=model.img_size,
                                        model=model_name)
-
-    def eval_step(params, model_state, batch):
-        logits, _ = model.apply(dict(model_state, params=params), transform(batch["image"]), train=False)
-        return train.metrics_sums(logits, batch["label"], batch["weight"])
-
+    eval_step = train.make_eval_step(model, transform)
     variables = jax.device_put(dict(variables), sharding.replicated(mesh))
     params = variables.pop("params")
-    return train.evaluate_split(jax.jit(eval_step), params, variables, dataset.test, batch_size, mesh)
+    return train.evaluate_split(eval_step, params, variables, dataset.test, batch_size, mesh)
 
 
 def run(argv):

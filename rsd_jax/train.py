@@ -320,11 +320,6 @@ def build_run(config, mesh=None, dataset=None):
         metrics = dict(terms, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.tree.norm(grads))
         return new_state, metrics
 
-    def eval_step(params, model_state, batch):
-        logits, _ = student.apply(dict(model_state, params=params),
-                                  eval_transform(batch["image"]), train=False)
-        return metrics_sums(logits, batch["label"], batch["weight"])
-
     batch_spec = sharding.batch_sharding(mesh)
     return Run(
         config=config, mesh=mesh, dataset=dataset, student=student, teacher=teacher, teacher_vars=teacher_vars,
@@ -333,7 +328,7 @@ def build_run(config, mesh=None, dataset=None):
         init=_awaited(jax.jit(init, out_shardings=state_sharding)),
         train_step=jax.jit(train_step, in_shardings=(state_sharding, replicated, batch_spec),
                            out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
-        eval_step=jax.jit(eval_step, out_shardings=replicated))
+        eval_step=make_eval_step(student, eval_transform, out_shardings=replicated))
 
 
 def train_and_evaluate(config, workdir):
@@ -607,6 +602,14 @@ def metrics_sums(logits, labels, weight):
     top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
     return {"top1": jnp.sum(top1 * weight), "top5": jnp.sum(top5 * weight), "loss": jnp.sum(ce * weight),
             "count": jnp.sum(weight)}
+
+
+def make_eval_step(model, transform, **jit_kwargs):
+    """The jitted `(params, model_state, batch) -> metric sums` of `model` on `transform`ed images (eval mode)."""
+    def eval_step(params, model_state, batch):
+        logits, _ = model.apply(dict(model_state, params=params), transform(batch["image"]), train=False)
+        return metrics_sums(logits, batch["label"], batch["weight"])
+    return jax.jit(eval_step, **jit_kwargs)
 
 
 def evaluate_split(eval_step, params, model_state, split, batch_size, mesh):
