@@ -74,7 +74,7 @@ def run(args):
     state_dict, meta, kwargs, variables = export(directory)
     name, num_classes, overrides = meta["model"], meta["num_classes"], meta.get("overrides") or {}
     try:
-        import timm  # noqa: F401
+        import timm
         have_timm = True
     except ImportError:
         have_timm = False
@@ -85,8 +85,12 @@ def run(args):
     if args.verify:
         verify.check(name, num_classes, overrides, variables)
     save_state_dict(state_dict, args.out)
+    registered = not hasattr(core.family_table(models.family_of(name)), "create_timm") or (
+        have_timm and name in timm.list_models() and not kwargs)
+    build = _call(name, num_classes, kwargs) if registered else \
+        f"convert.verify.create_timm({name!r}, {num_classes}, {overrides!r})   # not a registered timm entry point"
     print(f"wrote {args.out} ({len(state_dict)} tensors) from {directory}; load it with\n"
-          f"  model = {_call(name, num_classes, kwargs)}\n"
+          f"  model = {build}\n"
           f"  model.load_state_dict(torch.load({args.out!r}), strict=True)"
           + ("" if have_timm else "\n(timm is not installed here, so the load was not checked)"))
 

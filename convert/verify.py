@@ -29,25 +29,36 @@ def timm_kwargs(model_name, overrides):
         raise VerifyError(f"timm cannot build {model_name} with {overrides}: {e}") from None
 
 
-def timm_model(model_name, num_classes, overrides, state_dict):
-    """The timm model holding `state_dict` (strict load), in eval mode."""
+def create_timm(model_name, num_classes, overrides):
+    """The timm model (fresh random init) equal to `models.create_model(model_name, num_classes, **overrides)`:
+    the family table's `create_timm` hook builds it where timm's registered entry point cannot, else
+    timm.create_model with the table's kwargs. VerifyError (one line) if timm cannot build it."""
     try:
         import timm
-        import torch
+        import torch  # noqa: F401
     except ImportError:
         raise VerifyError("timm and torch are needed for this (pip install -e '.[convert]')") from None
     kwargs = timm_kwargs(model_name, overrides)
+    hook = getattr(core.family_table(models.family_of(model_name)), "create_timm", None)
     try:
-        model = timm.create_model(model_name, num_classes=num_classes, **kwargs)
+        if hook is not None:
+            return hook(model_name, num_classes, kwargs)
+        return timm.create_model(model_name, num_classes=num_classes, **kwargs)
     except Exception as e:  # timm raises TypeError/ValueError/AssertionError for kwargs it cannot use
         raise VerifyError(f"timm.create_model({model_name!r}, num_classes={num_classes}, **{kwargs}) failed: "
                           f"{type(e).__name__}: {e}") from None
+
+
+def timm_model(model_name, num_classes, overrides, state_dict):
+    """The timm model holding `state_dict` (strict load), in eval mode."""
+    model = create_timm(model_name, num_classes, overrides)
+    import torch
     try:
         model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()},
                               strict=True)
     except RuntimeError as e:
-        raise VerifyError(f"timm's {model_name} with {kwargs} does not take these weights: "
-                          f"{' '.join(str(e).split())}") from None
+        raise VerifyError(f"timm's {model_name} with {timm_kwargs(model_name, overrides)} does not take these "
+                          f"weights: {' '.join(str(e).split())}") from None
     return model.eval()
 
 

@@ -11,6 +11,7 @@ import timm
 import torch
 from flax import traverse_util
 
+from configs.presets import SMOKE_OVERRIDES
 from convert import from_torch, to_torch, verify
 from rsd_jax import checkpoint, models
 from timm_parity import max_rel_err, randomize_batchnorm_stats
@@ -34,10 +35,14 @@ NAMES = list(TINY)
 
 
 def random_timm(name, seed, num_classes, **kwargs):
-    """A timm model with every parameter and BatchNorm statistic random and O(1) activations, so that a wrong
-    mapping of any tensor (biases, norms, CLS token, ...) shows in the outputs."""
     torch.manual_seed(seed)
-    model = timm.create_model(name, num_classes=num_classes, **kwargs).eval()
+    return randomize(timm.create_model(name, num_classes=num_classes, **kwargs), seed)
+
+
+def randomize(model, seed):
+    """`model` in eval mode with every parameter and BatchNorm statistic random and O(1) activations, so that a
+    wrong mapping of any tensor (biases, norms, CLS token, ...) shows in the outputs."""
+    model = model.eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -57,12 +62,14 @@ def stage_modules(model, flax_model):
     return [model.blocks[b] for b in flax_model.reference_stage_indices()]
 
 
-def assert_parity(tm, flax_model, variables, batch, seed):
-    """Logits, pre-logits and the four stage features of the converted model equal timm's (1e-4 relative)."""
+def assert_parity(tm, flax_model, variables, batch, seed, with_stages=True):
+    """Logits, pre-logits and (`with_stages`) the four stage features of the converted model equal timm's (1e-4
+    relative)."""
     size = flax_model.img_size
     x = np.random.RandomState(seed).randn(batch, 3, size, size).astype(np.float32)
     stages = []
-    hooks = [m.register_forward_hook(lambda m, i, o: stages.append(o.numpy())) for m in stage_modules(tm, flax_model)]
+    hooks = [m.register_forward_hook(lambda m, i, o: stages.append(o.numpy()))
+             for m in (stage_modules(tm, flax_model) if with_stages else ())]
     with torch.no_grad():
         feats = tm.forward_features(torch.from_numpy(x))
         pre, logits = tm.forward_head(feats, pre_logits=True).numpy(), tm.forward_head(feats).numpy()
@@ -71,7 +78,7 @@ def assert_parity(tm, flax_model, variables, batch, seed):
     stages = [s.transpose(0, 2, 3, 1) if s.ndim == 4 else s for s in stages]
     got, feats = jax.jit(lambda v, x: flax_model.apply(v, x))(variables, x.transpose(0, 2, 3, 1))
     errs = [max_rel_err(got, logits), max_rel_err(feats["pre_logits"], pre)]
-    errs += [max_rel_err(feats[f"stage{s + 1}"], stages[s]) for s in range(4)]
+    errs += [max_rel_err(feats[f"stage{s + 1}"], stages[s]) for s in range(len(stages))]
     assert max(errs) < 1e-4, errs
     return errs
 
@@ -159,6 +166,19 @@ def test_model_inference_from_keys_and_shapes(name):
     assert from_torch.infer_model(sd) == (name, 37, {})
     assert from_torch.infer_model(from_torch.strip_prefixes({"module." + k: v for k, v in sd.items()}))[:2] \
         == (name, 37)
+
+
+@pytest.mark.parametrize("name", list(SMOKE_OVERRIDES))
+def test_verify_builds_timm_equal_to_smoke_variant(name):
+    """verify.create_timm builds every smoke variant, also those timm's registered entry points cannot."""
+    overrides = SMOKE_OVERRIDES[name]
+    tm = randomize(verify.create_timm(name, 10, overrides), seed=11)
+    variables = from_torch.convert_state_dict(
+        {k: v.numpy() for k, v in tm.state_dict().items()}, name, 10, overrides)
+    flax_model = models.create_model(name, 10, **overrides)
+    assert flax_model.img_size == 32
+    print(name, "max rel err logits/pre_logits:",
+          ["%.1e" % e for e in assert_parity(tm, flax_model, variables, batch=2, seed=12, with_stages=False)])
 
 
 def test_inference_of_tiny_variants():

@@ -122,6 +122,5 @@ def test_infer_other_families_and_timm_kwargs():
     assert table.infer({"stem.proj.weight": np.zeros((8, 3, 4, 4)), "head.weight": np.zeros((3, 8))}) is None
     assert table.timm_kwargs({"img_size": 64, "drop_path_rate": 0.1, "stage_blocks": (0, 1, 2, 3)}) == \
         {"img_size": 64, "drop_path_rate": 0.1}
-    with pytest.raises(ValueError, match="depth, embed_dim"):
-        table.timm_kwargs({"embed_dim": 32, "depth": 4})
+    assert table.timm_kwargs({"embed_dim": 32, "depth": 4, "init_values": 0.1}) == {"embed_dim": 32, "depth": 4}
     assert models.create_model("mixer_b16_224", depth=6).reference_stage_indices() == (0, 1, 4, 5)

@@ -9,4 +9,7 @@ A table may define:
   GUESSED                  names of overrides `infer` may only guess (the CLI prints a note for them)
   timm_kwargs(overrides) -> kwargs for timm.create_model that build the same architecture as our overrides
                            (raise ValueError for one timm cannot express); without it overrides pass unchanged
+  create_timm(model_name, num_classes, kwargs) -> the timm model, where timm's registered entry point cannot
+                           build it (swin nano/pico, mobilenetv2 multipliers, Mixer/ResMLP sizes); without it
+                           timm.create_model(model_name, num_classes=..., **kwargs)
 """

@@ -6,8 +6,6 @@ import re
 from rsd_jax.models import mixer
 
 _NAME_OF_BLOCK = {"mixer": "mixer_b16_224", "resmlp": "resmlp_12_224"}
-# Options timm's registered mixer_b16_224 / resmlp_12_224 fix in their entry points (a duplicate kwarg there).
-_FIXED_IN_TIMM = ("block", "patch_size", "embed_dim", "depth", "mlp_ratio_tokens", "mlp_ratio_channels")
 
 
 def normalize(state_dict):
@@ -43,14 +41,28 @@ def infer(state_dict):
 
 
 def timm_kwargs(overrides):
-    """timm.create_model kwargs building our model with `overrides`; stage_blocks and init_values change no
-    weight and are left out."""
-    fixed = sorted(k for k in overrides if k in _FIXED_IN_TIMM)
-    if fixed:
-        raise ValueError(f"timm's registered Mixer/ResMLP entry points fix {', '.join(fixed)}")
-    out = {k: v for k, v in overrides.items() if k in ("img_size", "drop_rate", "proj_drop_rate", "drop_path_rate")}
+    """kwargs for `create_timm` building our model with `overrides` (the architecture in our option names);
+    stage_blocks and init_values change no weight and are left out."""
+    out = {k: v for k, v in overrides.items() if k in ("img_size", "drop_rate", "proj_drop_rate", "drop_path_rate",
+                                                       "block", "patch_size", "embed_dim", "depth",
+                                                       "mlp_ratio_tokens", "mlp_ratio_channels")}
     if overrides.get("norm_eps", 1e-6) != 1e-6:
         import functools
         import torch
         out["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=overrides["norm_eps"])
     return out
+
+
+def create_timm(model_name, num_classes, kwargs):
+    """timm's MlpMixer with the architecture of our `model_name` updated by `kwargs`, built from the class with
+    each block's layers, as timm's registered mixer_b16_224 / resmlp_12_224 fix depth, width and patch size."""
+    from timm.models import mlp_mixer
+    arch = dict(mixer.MODELS[model_name], **kwargs)
+    arch.pop("init_values", None)
+    block, tokens, channels = arch.pop("block"), arch.pop("mlp_ratio_tokens", None), arch.pop("mlp_ratio_channels")
+    arch["num_blocks"] = arch.pop("depth")
+    if block == "resmlp":   # ResBlock with Affine norms (our norm_eps is a Mixer option: ignored as in our ResMLP)
+        layers = dict(block_layer=mlp_mixer.ResBlock, norm_layer=mlp_mixer.Affine, mlp_ratio=channels)
+    else:                   # MixerBlock and LayerNorm(eps 1e-6) are MlpMixer's defaults
+        layers = dict(mlp_ratio=(tokens if tokens is not None else mixer.MlpMixer.mlp_ratio_tokens, channels))
+    return mlp_mixer.MlpMixer(num_classes=num_classes, **dict(arch, **layers))

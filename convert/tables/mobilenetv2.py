@@ -49,10 +49,16 @@ def infer(state_dict):
 
 
 def timm_kwargs(overrides):
-    """timm.create_model('mobilenetv2_100', ...) kwargs; img_size and stage_blocks change no weight."""
-    if overrides.get("channel_multiplier", 1.0) != 1.0:
-        raise ValueError("timm's mobilenetv2_100 entry point fixes channel_multiplier=1.0 "
-                         "(timm registers mobilenetv2_035/050/075/140 separately)")
+    """kwargs for `create_timm`; img_size and stage_blocks change no weight."""
     if "arch" in overrides or "stem_size" in overrides or "num_features" in overrides:
         raise ValueError("timm's mobilenetv2_100 has a fixed architecture")
-    return {k: v for k, v in overrides.items() if k in ("drop_rate", "drop_path_rate")}
+    return {k: v for k, v in overrides.items() if k in ("channel_multiplier", "drop_rate", "drop_path_rate")}
+
+
+def create_timm(model_name, num_classes, kwargs):
+    """timm's MobileNetV2 at kwargs' channel multiplier. The mobilenetv2_100 entry point fixes 1.0, so this calls
+    the generator behind all of timm's MobileNetV2 entry points (mobilenetv2_035/050/... pass their multiplier)."""
+    from timm.models.efficientnet import _gen_mobilenet_v2
+    kwargs = dict(kwargs)
+    multiplier = kwargs.pop("channel_multiplier", 1.0)
+    return _gen_mobilenet_v2(model_name, multiplier, num_classes=num_classes, **kwargs)

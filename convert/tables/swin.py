@@ -45,3 +45,11 @@ def infer(state_dict):
         if {k: kwargs[k] for k in found} == found:
             return name, num_classes
     raise ConversionError(f"a Swin checkpoint matching no known model ({found}); known: {', '.join(swin.MODELS)}")
+
+
+def create_timm(model_name, num_classes, kwargs):
+    """timm's SwinTransformer with the architecture of our `model_name` updated by `kwargs` (our option names are
+    timm's); built from the class, as the reference's nano/pico students are not registered in timm."""
+    from timm.models.swin_transformer import SwinTransformer
+    from rsd_jax.models import swin
+    return SwinTransformer(num_classes=num_classes, **dict(swin.MODELS[model_name], **kwargs))
