@@ -130,5 +130,14 @@ def test_infer_and_timm_kwargs(full_timm):
         table.infer(sd)
     assert table.infer(dict(sd, **{"blocks.1.0.se.conv_reduce.weight": np.zeros(1)})) is None  # an EfficientNet
     assert table.timm_kwargs({"img_size": 32, "drop_path_rate": 0.1}) == {"drop_path_rate": 0.1}
-    with pytest.raises(ValueError, match="channel_multiplier"):
-        table.timm_kwargs({"channel_multiplier": 0.35})
+    assert table.timm_kwargs({"channel_multiplier": 0.35}) == {"channel_multiplier": 0.35}
+    with pytest.raises(ValueError, match="fixed architecture"):
+        table.timm_kwargs({"stem_size": 16})
+
+
+def test_relu6_gradient_at_its_kinks_is_torchs():
+    # A BatchNorm output that is exactly 0 (a constant channel, bias 0) must get torch's gradient 0, not 1/2.
+    x = np.array([-1.0, 0.0, 3.0, 6.0, 7.0], np.float32)
+    t = torch.tensor(x, requires_grad=True)
+    torch.nn.ReLU6()(t).sum().backward()
+    np.testing.assert_array_equal(np.asarray(jax.grad(lambda v: mobilenetv2.relu6(v).sum())(x)), t.grad.numpy())
