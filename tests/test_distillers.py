@@ -106,6 +106,24 @@ def test_rkd(squared):
     check(lambda a, b: rkd.rkd_loss(a, b, distance_weight=25, angle_weight=50, squared=squared), ref, [s, t], (0,))
 
 
+def test_rkd_coincident_embeddings_pass_no_angle_gradient():
+    # Two examples the student maps to one point: their difference has no direction. F.normalize(eps=1e-12) (the
+    # reference) turns the angle error there into a gradient of ~1e12; rsd_jax passes none (the value is the same).
+    s, t = inputs(5, (B, 9), (B, 9))
+    s[1] = s[0]
+
+    def reference_angles(e):
+        diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+        return torch.bmm(diff, diff.transpose(1, 2)).view(-1)
+    st = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    F.smooth_l1_loss(reference_angles(st), reference_angles(torch.tensor(t, dtype=torch.float64))).backward()
+    assert st.grad.abs().max() > 1e6
+    value, grad = jax.value_and_grad(lambda a: rkd.rkd_loss(a, t, distance_weight=0.0, angle_weight=1.0))(s)
+    want = F.smooth_l1_loss(reference_angles(torch.tensor(s)), reference_angles(torch.tensor(t))).item()
+    np.testing.assert_allclose(float(value), want, rtol=1e-5)
+    assert np.all(np.isfinite(grad)) and np.abs(grad).max() < 10
+
+
 @pytest.mark.parametrize("eps,t", [(1.0, 1.0), (1.5, 2.0)])
 @pytest.mark.parametrize("soft", [False, True])
 def test_ofa(eps, t, soft):

@@ -1,8 +1,9 @@
 """RKD (Park et al., 2019): distance- and angle-wise relations of the pre-logit features (RSD_SPEC §2).
 
 Distances: pairwise Euclidean (squared if `squared`), clamped below at eps, diagonal zeroed, divided by the mean of
-the positive entries; angles: cosines between the difference vectors e_j - e_i and e_k - e_i (normalised with
-eps 1e-12, as torch's F.normalize). Both compared with smooth L1 (beta 1), mean over entries:
+the positive entries; angles: cosines between the difference vectors e_j - e_i and e_k - e_i (unit length; a zero
+difference stays 0 and passes no gradient, where the reference's F.normalize(eps=1e-12) passes 1e12 times the
+error). Both compared with smooth L1 (beta 1), mean over entries:
 L = distance_weight * sl1(d_s, d_t) + angle_weight * sl1(a_s, a_t). Features are flattened per example.
 """
 import flax.linen as nn
@@ -17,8 +18,11 @@ def default_config():
 
 
 def pairwise_distances(e, *, squared=False, eps=1e-12):
-    sq = jnp.sum(e * e, axis=1)
-    d = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * e @ e.T, eps)
+    # From the differences, not the reference's |a|^2 + |b|^2 - 2 a.b: equal in exact arithmetic, but the expansion
+    # cancels catastrophically in float32 when the features sit close together (a fresh student's), and the two
+    # frameworks then round to different gradients.
+    diff = e[:, None, :] - e[None, :, :]
+    d = jnp.maximum(jnp.sum(diff * diff, axis=-1), eps)
     if not squared:
         d = jnp.sqrt(d)
     return jnp.where(jnp.eye(e.shape[0], dtype=bool), 0.0, d)
@@ -33,8 +37,11 @@ def _normalised_distances(e, squared, eps):
 def _angles(e):
     diff = e[None, :, :] - e[:, None, :]                      # [i, j] = e_j - e_i
     sq = jnp.sum(diff * diff, axis=-1, keepdims=True)
-    norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)   # the zero diagonal: gradient 0, not NaN
-    diff = diff / jnp.maximum(norm, 1e-12)
+    # Coincident embeddings (the diagonal; two examples the student maps to one point) have no direction: 0, and
+    # no gradient. The reference's F.normalize divides them by its eps 1e-12 instead, and their gradient, 1e12
+    # times the angle error, blows the step up (a fresh smoke student sends two blank crops to one point).
+    safe = sq > 0
+    diff = jnp.where(safe, diff / jnp.sqrt(jnp.where(safe, sq, 1.0)), 0.0)
     return jnp.einsum("ijd,ikd->ijk", diff, diff).reshape(-1)
 
 
