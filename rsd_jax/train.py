@@ -152,6 +152,8 @@ class Run:
     student: Any
     teacher: Any              # None for methods without a teacher
     teacher_vars: Any
+    extra: Any                # the method's module (rsd_jax.distillers), None for vanilla
+    num_groups: int           # statistics groups per batch
     steps_per_epoch: int
     total_steps: int
     abstract_state: Any       # ShapeDtypeStructs with shardings
@@ -174,6 +176,13 @@ class Run:
                                  self.mesh)
             out.update({f"ema_{k}": v for k, v in ema.items()})
         return out
+
+
+def step_rngs(rng_data, step, num_groups):
+    """The keys of training step `step`: (augmentation, per-group student dropout (G,), per-group method (G,))."""
+    aug_rng, dropout_rng = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(rng_data), step))
+    student_rngs, extra_rngs = jax.vmap(jax.random.split, out_axes=1)(jax.random.split(dropout_rng, num_groups))
+    return aug_rng, student_rngs, extra_rngs
 
 
 def compute_dtype(config):
@@ -275,8 +284,7 @@ def build_run(config, mesh=None, dataset=None):
     lr_schedule = optim.schedule(config.optim, steps_per_epoch)
 
     def train_step(state, teacher_vars, batch):
-        step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        aug_rng, dropout_rng = jax.random.split(step_rng)
+        aug_rng, student_rngs, extra_rngs = step_rngs(state.rng, state.step, num_groups)
         images, targets = batch_transform(batch["image"], batch["label"], aug_rng)
         # Mixed precision (compute_dtype=bfloat16): models compute on bf16 copies of the float32 parameters and
         # inputs; gradients, optimizer state and BatchNorm statistics stay float32, and BatchNorm/LayerNorm
@@ -285,9 +293,8 @@ def build_run(config, mesh=None, dataset=None):
         # The teacher sees exactly the student's augmented batch, in inference mode.
         teacher_out = jax.lax.stop_gradient(teacher.apply(teacher_vars, images, train=False)) if teacher else None
 
-        def group_loss(params, images, labels, teacher_out, rng):
+        def group_loss(params, images, labels, teacher_out, student_rng, extra_rng):
             # One statistics group: BatchNorm and RSD statistics over these examples only, as one DDP rank.
-            student_rng, extra_rng = jax.random.split(rng)
             params = cast_floats(params, dtype)
             student_out, new_student = student.apply(
                 dict(state.model_state["student"], params=params["student"]), images,
@@ -304,9 +311,8 @@ def build_run(config, mesh=None, dataset=None):
 
         def loss_fn(params):
             labels = {"label": targets, "label_mask": batch["label_mask"], "index": batch["index"]}
-            losses, (terms, model_state) = jax.vmap(group_loss, in_axes=(None, 0, 0, 0, 0), axis_name="group")(
-                params, *_groups((images, labels, teacher_out), num_groups),
-                jax.random.split(dropout_rng, num_groups))
+            losses, (terms, model_state) = jax.vmap(group_loss, in_axes=(None, 0, 0, 0, 0, 0), axis_name="group")(
+                params, *_groups((images, labels, teacher_out), num_groups), student_rngs, extra_rngs)
             return jnp.mean(losses), (jax.tree_util.tree_map(jnp.mean, terms), merge_groups(model_state))
 
         (loss, (terms, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -323,8 +329,8 @@ def build_run(config, mesh=None, dataset=None):
     batch_spec = sharding.batch_sharding(mesh)
     return Run(
         config=config, mesh=mesh, dataset=dataset, student=student, teacher=teacher, teacher_vars=teacher_vars,
-        steps_per_epoch=steps_per_epoch, total_steps=config.optim.epochs * steps_per_epoch,
-        abstract_state=abstract_state,
+        extra=extra, num_groups=num_groups, steps_per_epoch=steps_per_epoch,
+        total_steps=config.optim.epochs * steps_per_epoch, abstract_state=abstract_state,
         init=_awaited(jax.jit(init, out_shardings=state_sharding)),
         train_step=jax.jit(train_step, in_shardings=(state_sharding, replicated, batch_spec),
                            out_shardings=(state_sharding, replicated), donate_argnums=(0,)),

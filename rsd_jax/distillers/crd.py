@@ -81,6 +81,7 @@ class CRD(nn.Module):
         index = batch["index"].astype(jnp.int32)
         rng = self.make_rng("dropout") if self.has_rng("dropout") else jax.random.key(0)
         negatives = jax.random.randint(rng, (index.shape[0], c.k), 0, n)
+        self.sow("intermediates", "negatives", negatives)     # for the fidelity check; a no-op in training
         idx = jnp.concatenate([index[:, None], negatives], axis=1)
         out_s = crd_scores(jax.lax.stop_gradient(mem_t.value[idx]), vs, c.temperature)
         out_t = crd_scores(jax.lax.stop_gradient(mem_s.value[idx]), vt, c.temperature)
