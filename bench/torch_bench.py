@@ -22,15 +22,6 @@ from bench import torch_reference as ref
 from rsd_jax.bench import _SOURCES, bench_config, load_config
 
 
-def rsd_loss(student, teacher, kappa):
-    """RSD_SPEC §1.1 in float32 on the features' device."""
-    s, t = student.float(), teacher.float()
-    c = ref.standardize(t).T @ ref.standardize(s) / s.shape[0]
-    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    cost = (c - eye) ** 2
-    return (cost * (kappa + (1 - kappa) * eye)).sum()
-
-
 def build(config, device, channels_last=False):
     classes = _SOURCES.get(config.data.name, (100, 32))[0]
     student = ref.create_timm(config.student.model, classes, config.student.overrides, config.seed)
@@ -64,7 +55,7 @@ def make_step(config, student, teacher, projector, optimizer, amp_dtype, device)
                 logits, pre = ref.features(student, images[sl])
                 projected = projector(pre)
             ce = ref.cross_entropy(logits.float(), labels[sl], smoothing)
-            losses.append(ce + rsd.loss_weight * rsd_loss(projected, teacher_pre[sl], rsd.kappa))
+            losses.append(ce + rsd.loss_weight * ref.rsd_loss(projected.float(), teacher_pre[sl].float(), rsd.kappa))
         loss = torch.stack(losses).mean()
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

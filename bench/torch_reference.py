@@ -3,21 +3,23 @@
 A plain eager implementation: the fidelity check (`python -m rsd_jax.step_check`) compares rsd_jax's jitted step
 against it, and the speed benchmark uses it as the PyTorch baseline.
 
-    ref = build(config, num_classes, steps_per_epoch)      # also unpacks: student, teacher, projector, optimizer
+    ref = build(config, num_classes, steps_per_epoch)      # ref.student, ref.teacher, ref.extra, ref.optimizer
     losses = ref.step({"image": images, "target": targets})   # one optimizer step
 
 * The teacher runs in eval mode under no_grad on the student's (already augmented and normalised) batch.
-* The student and the projector run in train mode. The global batch is cut into `distill.group_size` groups (the
+* The student and the method's modules run in train mode. The global batch is cut into `distill.group_size` groups (the
   reference's DDP ranks): each group's BatchNorm and RSD statistics come from its own examples, the loss is the mean
   of the per-group losses (DDP averages the ranks' gradients), and BatchNorm running statistics are averaged over
   groups after the step (the reference's distribute_bn; it runs per epoch there, the JAX side every step).
-* RSD: L = CE(label smoothing) + loss_weight * [sum_i (C_ii - 1)^2 + kappa sum_{i!=j} C_ij^2] on the pre-logits.
-  KD: L = CE + loss_weight * T^2 * KL(p_t || p_s), batchmean. Soft (B, C) targets (mixup/cutmix) use soft-target CE.
+* L = gt_loss_weight * CE(label smoothing) + the method's terms (bench/torch_distillers.py: RSD, KD, DKD, DIST,
+  OFA, FitNet, CRD, RKD, CC). Soft (B, C) targets (mixup/cutmix) use soft-target CE. The method sees its group's
+  student and teacher outputs: logits, pre-logits and the four stage outputs of RSD_SPEC §3 (forward hooks on the
+  timm modules; maps NCHW, tokens (B, L, C)).
 * Optimizer: SGD with Nesterov momentum (timm's `sgd`) or AdamW; weight decay iff ndim > 1 over student and
-  projector parameters (the optimizer is built on the distiller, which has no no_weight_decay()); gradient-norm
+  extra parameters (the optimizer is built on the distiller, which has no no_weight_decay()); gradient-norm
   clipping when configured; the LR constant within an epoch (timm's per-epoch cosine with linear warmup).
-* Deliberate difference kept from rsd_jax (RSD_SPEC §7.2): the CE term of RSD is multiplied by gt_loss_weight,
-  which the reference ignores for RSD (equal at the default 1). `ref.notes` lists such notes.
+* Deliberate differences kept from rsd_jax (RSD_SPEC §7) are listed in `ref.notes`.
+* `dtype=torch.float64` runs the same step in double precision: the fidelity check's measure of fp32 rounding.
 """
 import dataclasses
 import math
@@ -28,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench import torch_distillers
 from convert import verify
+from rsd_jax import models
 
 
 def epoch_lr(optim, epoch):
@@ -45,9 +49,8 @@ def epoch_lr(optim, epoch):
 
 
 def create_timm(model_name, num_classes, overrides, seed):
-    import timm
     torch.manual_seed(seed)
-    return timm.create_model(model_name, num_classes=num_classes, **verify.timm_kwargs(model_name, dict(overrides)))
+    return verify.create_timm(model_name, num_classes, dict(overrides))
 
 
 def features(model, x):
@@ -68,22 +71,36 @@ def make_projector(d_student, d_teacher, gamma):
     return projector
 
 
-def standardize(x, eps=1e-5):
-    return (x - x.mean(0, keepdim=True)) / (x.std(0, unbiased=False, keepdim=True) + eps)
+standardize, rsd_loss, kd_loss = torch_distillers.standardize, torch_distillers.rsd_loss, torch_distillers.kd_loss
 
 
-def rsd_loss(student, teacher, kappa):
-    """RSD_SPEC §1.1 on one group's (B, D) features."""
-    c = standardize(teacher).T @ standardize(student) / student.shape[0]
-    eye = torch.eye(c.shape[0], dtype=c.dtype)
-    cost = (c - eye) ** 2
-    return (cost * eye).sum() + kappa * (cost * (1 - eye)).sum()
+def stage_modules(model, indices):
+    """The timm modules whose outputs are the reference's stage features (RSD_SPEC §3); `indices` index its list."""
+    if hasattr(model, "layer1"):                                   # ResNet: layer1..4
+        return [getattr(model, f"layer{i + 1}") for i in indices]
+    if hasattr(model, "stages"):                                   # ConvNeXt: stages 0..3
+        return [model.stages[i] for i in indices]
+    if hasattr(model, "layers"):                                   # Swin: every block, flat
+        return [[b for layer in model.layers for b in layer.blocks][i] for i in indices]
+    if hasattr(model, "conv_head"):                                # MobileNetV2: every block, then the head map
+        return [([b for stage in model.blocks for b in stage] + [model.bn2])[i] for i in indices]
+    return [model.blocks[i] for i in indices]                      # ViT, Mixer, ResMLP: blocks
 
 
-def kd_loss(student_logits, teacher_logits, temperature):
-    t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
-                    reduction="batchmean", log_target=True) * t * t
+class Tapped:
+    """model(x) -> (logits, {"pre_logits", "stage1".."stage4"}) through forward hooks on the stage modules."""
+
+    def __init__(self, model, model_name, num_classes, overrides):
+        self.model, self.outputs = model, {}
+        indices = models.create_model(model_name, num_classes, **dict(overrides)).reference_stage_indices()
+        for s, module in enumerate(stage_modules(model, indices), start=1):
+            module.register_forward_hook(lambda m, i, o, s=s: self.outputs.__setitem__(f"stage{s}", o))
+        self.tokens_hwc = hasattr(model, "layers")       # timm 1.x Swin blocks return (B, H, W, C)
+
+    def __call__(self, x):
+        logits, pre = features(self.model, x)
+        feats = {k: v.flatten(1, 2) if self.tokens_hwc else v for k, v in self.outputs.items()}
+        return logits, dict(feats, pre_logits=pre)
 
 
 def cross_entropy(logits, target, smoothing):
@@ -94,10 +111,32 @@ def cross_entropy(logits, target, smoothing):
     return ((1 - smoothing) * nll - smoothing * logp.mean(-1)).mean()
 
 
-def batchnorm_buffers(*modules):
+def batchnorm_buffers(module):
     """[(owning module, buffer name)] of every BatchNorm running statistic."""
-    return [(sub, name) for m in modules if m is not None for sub in m.modules()
+    return [(sub, name) for sub in (module.modules() if module is not None else ())
             for name in ("running_mean", "running_var") if getattr(sub, name, None) is not None]
+
+
+def per_group(module, run_groups):
+    """Run `run_groups(start_of_group)` with `module`'s BatchNorm statistics reset to their start for each group
+    (each DDP rank starts from the same statistics), then set them to the mean of the groups' results (the
+    reference's distribute_bn; it runs per epoch there, the JAX side every step)."""
+    buffers = batchnorm_buffers(module)
+    start = [getattr(m, name).detach().clone() for m, name in buffers]
+    ends = []
+
+    def reset():
+        for (m, name), s in zip(buffers, start):    # a new tensor: the last group's graph still holds its own
+            setattr(m, name, s.clone())
+
+    def record():
+        ends.append([getattr(m, name) for m, name in buffers])
+
+    out = run_groups(reset, record)
+    with torch.no_grad():
+        for i, (m, name) in enumerate(buffers):
+            setattr(m, name, torch.stack([e[i] for e in ends]).mean(0))
+    return out
 
 
 @dataclasses.dataclass
@@ -105,72 +144,84 @@ class Reference:
     config: Any
     student: nn.Module
     teacher: nn.Module
-    projector: Any              # nn.Module for RSD, None otherwise
+    extra: Any                  # the method's nn.Module (torch_distillers), None for vanilla
     optimizer: torch.optim.Optimizer
     steps_per_epoch: int
+    tap_student: Any
+    tap_teacher: Any
     step_count: int = 0
+    dtype: torch.dtype = torch.float32   # float64: the same step without rounding worth mentioning (the noise floor)
     notes: tuple = ()
     grads: dict = dataclasses.field(default_factory=dict)   # the last step's gradients (before clipping), by name
-
-    def __iter__(self):
-        return iter((self.student, self.teacher, self.projector, self.optimizer))
 
     def lr(self):
         return epoch_lr(self.config.optim, self.step_count // self.steps_per_epoch)
 
     def named_parameters(self):
-        """("student.<timm name>" / "projector.<index>.<name>", parameter) over everything the optimizer trains."""
-        return [(f"{prefix}.{name}", p) for prefix, m in (("student", self.student), ("projector", self.projector))
+        """("student.<timm name>" / "extra.<name>", parameter) over everything the optimizer trains."""
+        return [(f"{prefix}.{name}", p) for prefix, m in (("student", self.student), ("extra", self.extra))
                 if m is not None for name, p in m.named_parameters()]
 
     def parameters(self):
-        return [p for m in (self.student, self.projector) if m is not None for p in m.parameters()]
+        return [p for _, p in self.named_parameters()]
 
     def step(self, batch):
-        """One optimizer step on `batch`: "image" normalised NHWC or NCHW float, "target" int (B,) or soft (B, C).
-        Returns {term: float} with the terms averaged over groups, "loss" and "lr"."""
+        """One optimizer step on `batch`: "image" normalised NHWC or NCHW float, "target" int (B,) or soft (B, C),
+        optional "index" (B,) and "negatives" (B, K) for CRD. Returns {term: float} with the terms averaged over
+        groups, "loss" and "lr"."""
         c = self.config
-        images = torch.tensor(np.asarray(batch["image"]), dtype=torch.float32)
+        images = torch.tensor(np.asarray(batch["image"]), dtype=self.dtype)
         if images.shape[-1] == 3 and images.shape[1] != 3:
             images = images.permute(0, 3, 1, 2)
         images = images.contiguous()
         target = torch.tensor(np.asarray(batch["target"]))
-        if target.ndim == 1:
-            target = target.long()
+        target = target.long() if target.ndim == 1 else target.to(self.dtype)
+        extras = {k: torch.tensor(np.asarray(batch[k])) for k in ("index", "negatives") if k in batch}
         lr = self.lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
         self.teacher.eval()
         with torch.no_grad():
-            teacher_logits, teacher_pre = features(self.teacher, images)
+            teacher_out = self.tap_teacher(images)
         self.student.train()
-        if self.projector is not None:
-            self.projector.train()
-        method, size = c.distill.method, images.shape[0]
+        if self.extra is not None:
+            self.extra.train()
+        size = images.shape[0]
         group_size = c.distill.group_size or size
-        buffers = batchnorm_buffers(self.student, self.projector)
-        start = [getattr(m, name).detach().clone() for m, name in buffers]
-        ends, totals, terms = [], [], {}
-        for g0 in range(0, size, group_size):
-            for (m, name), s in zip(buffers, start):   # each rank starts from the same statistics
-                setattr(m, name, s.clone())           # a new tensor: the last group's graph still holds its own
-            sl = slice(g0, g0 + group_size)
-            logits, pre = features(self.student, images[sl])
-            parts = {"ce": c.distill.gt_loss_weight * cross_entropy(logits, target[sl], c.distill.label_smoothing)}
-            if method == "rsd":
-                m = c.distill.rsd
-                parts["rsd"] = m.loss_weight * rsd_loss(self.projector(pre), teacher_pre[sl], m.kappa)
-            elif method == "kd":
-                m = c.distill.kd
-                parts["kd"] = m.loss_weight * kd_loss(logits, teacher_logits[sl], m.temperature)
-            elif method != "vanilla":
-                raise ValueError(f"torch reference: method {method!r} is not implemented (rsd, kd, vanilla)")
-            totals.append(sum(parts.values()))
-            for k, v in parts.items():
-                terms.setdefault(k, []).append(v.detach())
-            ends.append([getattr(m, name) for m, name in buffers])
-        loss = torch.stack(totals).mean()
+        slices = [slice(g, g + group_size) for g in range(0, size, group_size)]
+        cut = lambda out, sl: (out[0][sl], {k: v[sl] for k, v in out[1].items()})   # noqa: E731
+        batches = [dict({k: v[sl] for k, v in extras.items()}, target=target[sl]) for sl in slices]
+        teachers = [cut(teacher_out, sl) for sl in slices]
+
+        def students(reset, record):
+            outs = []
+            for sl in slices:
+                reset()
+                outs.append(self.tap_student(images[sl]))
+                record()
+            return outs
+
+        student_outs = per_group(self.student, students)
+        terms = [{"ce": c.distill.gt_loss_weight * cross_entropy(s[0], b["target"], c.distill.label_smoothing)}
+                 for s, b in zip(student_outs, batches)]
+        if self.extra is not None:
+            if hasattr(self.extra, "begin_step"):
+                self.extra.begin_step(student_outs, teachers, batches)
+
+            def methods(reset, record):
+                outs = []
+                for s, t, b in zip(student_outs, teachers, batches):
+                    reset()
+                    outs.append(self.extra(s, t, b))
+                    record()
+                return outs
+
+            for parts, more in zip(terms, per_group(self.extra, methods)):
+                parts.update(more)
+            if hasattr(self.extra, "end_step"):
+                self.extra.end_step()
+        loss = torch.stack([sum(parts.values()) for parts in terms]).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.grads = {name: None if p.grad is None else p.grad.detach().clone()
@@ -178,11 +229,8 @@ class Reference:
         if c.optim.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.parameters(), c.optim.clip_grad)
         self.optimizer.step()
-        with torch.no_grad():     # distribute_bn: the mean of the ranks' running statistics
-            for i, (m, name) in enumerate(buffers):
-                setattr(m, name, torch.stack([e[i] for e in ends]).mean(0))
         self.step_count += 1
-        out = {k: float(torch.stack(v).mean()) for k, v in terms.items()}
+        out = {k: float(torch.stack([parts[k].detach() for parts in terms]).mean()) for k in terms[0]}
         out.update(loss=float(loss.detach()), lr=lr)
         return out
 
@@ -203,9 +251,10 @@ def make_optimizer(config, modules):
     raise ValueError(f"torch reference: optimizer {o.name!r} is not implemented (sgd, momentum, adamw)")
 
 
-def build(config, num_classes, steps_per_epoch, seed=0, student_state_dict=None, teacher_state_dict=None):
+def build(config, num_classes, steps_per_epoch, num_train_examples=1, seed=0, student_state_dict=None,
+          teacher_state_dict=None, dtype=torch.float32):
     """A `Reference` for `config` (its student/teacher/method/optim sections): timm models, randomly initialised
-    from `seed` or loaded from the given state_dicts (strict), the RSD projector, the optimizer."""
+    from `seed` or loaded from the given state_dicts (strict), the method's module, the optimizer."""
     student = create_timm(config.student.model, num_classes, config.student.overrides, seed)
     teacher = create_timm(config.teacher.model, num_classes, config.teacher.overrides, seed + 1)
     for model, sd in ((student, student_state_dict), (teacher, teacher_state_dict)):
@@ -213,11 +262,20 @@ def build(config, num_classes, steps_per_epoch, seed=0, student_state_dict=None,
             model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in sd.items()}, strict=True)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    projector, notes = None, []
-    if config.distill.method == "rsd":
-        torch.manual_seed(seed + 2)
-        projector = make_projector(student.num_features, teacher.num_features, config.distill.rsd.gamma)
-        if config.distill.gt_loss_weight != 1.0:
-            notes.append("RSD: CE weighted by gt_loss_weight (the reference ignores it, RSD_SPEC §7.2)")
-    optimizer = make_optimizer(config, (student, projector))
-    return Reference(config, student, teacher, projector, optimizer, steps_per_epoch, notes=tuple(notes))
+    taps = [Tapped(m, section.model, num_classes, section.overrides)
+            for m, section in ((student, config.student), (teacher, config.teacher))]
+    method = config.distill.method
+    size = config.data.image_size
+    with torch.no_grad():      # example outputs: the feature shapes the method's modules are built for
+        student.eval()
+        teacher.eval()
+        examples = [tap(torch.zeros(2, 3, size, size)) for tap in taps]
+    torch.manual_seed(seed + 2)
+    extra = torch_distillers.build(method, config.distill.get(method), num_classes, num_train_examples, *examples)
+    for m in (student, teacher, extra):
+        if m is not None:
+            m.to(dtype)
+    notes = [f"{method}: {torch_distillers.DIFFERENCES[method]}"] if method in torch_distillers.DIFFERENCES else []
+    optimizer = make_optimizer(config, (student, extra))
+    return Reference(config, student, teacher, extra, optimizer, steps_per_epoch, *taps, dtype=dtype,
+                     notes=tuple(notes))

@@ -117,8 +117,20 @@ def cifar_pair(teacher, student, arg=None):
     c.log_every_steps = 50
     if arg == "smoke":
         smoke(c)
+    elif arg == "check":
+        check_size(c)
     elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; known: smoke")
+        raise ValueError(f"unknown config argument {arg!r}; known: smoke, check")
+    return c
+
+
+def check_size(c):
+    """The pair's real models at 224 px on the bundled digits, a random teacher, batch 16 in 2 statistics groups
+    of 8: what `python -m rsd_jax.step_check` runs on a CPU to check the full-size architectures."""
+    c.data.update(dict(name="digits", data_dir="", batch_size=16, eval_batch_size=16, labelled_fraction=1.0))
+    c.distill.group_size = 8
+    c.teacher.path = "random"
+    c.optim.update(dict(epochs=2, warmup_epochs=1))
     return c
 
 

@@ -34,6 +34,32 @@ def test_three_steps_within_tolerance(teacher, student, method):
     assert last["lr_jax"] > 1e-4                                          # past warmup: the updates show
 
 
+CNN, TOKENS = ("swin_tiny_patch4_window7_224", "resnet18"), ("convnext_tiny", "deit_tiny_patch16_224")
+
+
+@pytest.mark.parametrize("pair,method", [(CNN, m) for m in ("vanilla", "dkd", "dist", "ofa", "fitnet", "crd", "rkd",
+                                                            "correlation")]
+                         + [(TOKENS, "ofa"), (TOKENS, "fitnet")])
+def test_baselines_within_tolerance(pair, method):
+    """Every method against its PyTorch re-statement (bench/torch_distillers.py), 2 steps: the method's parameters
+    and state (branches, aligners, embeddings, CRD memory) and the student's, from the same start."""
+    config = smoke(*pair, method)
+    config.distill.crd.k = 256
+    result = step_check.check(config, steps=2, out=lambda s: None)
+    assert result["ok"], [(r["failed"], r["max_loss_rel"], r["max_param_rel"]) for r in result["steps"]]
+    last = result["steps"][-1]
+    assert (method in last["losses"] or method == "vanilla") and last["max_update_rel"] > 0
+    if method in ("ofa", "fitnet", "crd", "correlation"):     # the method's own parameters were compared
+        assert last["compared"]["extra"] > 0
+    if method == "crd":                                        # and its memory banks
+        assert last["compared"]["memory"] == 4     # student and teacher banks, Z and its flag
+
+
+def test_wrong_baseline_setting_is_caught():
+    result = step_check.check(smoke(*CNN, "dkd"), steps=1, torch_set=["distill.dkd.beta=4.0"], out=lambda s: None)
+    assert not result["ok"] and "loss" in result["steps"][0]["failed"]
+
+
 def test_wrong_kappa_on_one_side_is_caught():
     result = step_check.check(smoke("swin_tiny_patch4_window7_224", "resnet18", "rsd"), steps=1,
                               torch_set=["distill.rsd.kappa=0.02"], out=lambda s: None)
