@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench import torch_reference as ref
+from bench import torch_distillers, torch_reference as ref
 from rsd_jax.bench import _SOURCES, bench_config, load_config
 
 
@@ -28,7 +28,7 @@ def build(config, device, channels_last=False):
     teacher = ref.create_timm(config.teacher.model, classes, config.teacher.overrides, config.seed + 1)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    projector = ref.make_projector(student.num_features, teacher.num_features, config.distill.rsd.gamma)
+    projector = torch_distillers.Projector(student.num_features, teacher.num_features, config.distill.rsd.gamma)
     optimizer = ref.make_optimizer(config, (student, projector))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for m in (student, teacher, projector):
@@ -55,7 +55,8 @@ def make_step(config, student, teacher, projector, optimizer, amp_dtype, device)
                 logits, pre = ref.features(student, images[sl])
                 projected = projector(pre)
             ce = ref.cross_entropy(logits.float(), labels[sl], smoothing)
-            losses.append(ce + rsd.loss_weight * ref.rsd_loss(projected.float(), teacher_pre[sl].float(), rsd.kappa))
+            rsd_term = torch_distillers.rsd_loss(projected.float(), teacher_pre[sl].float(), rsd.kappa)
+            losses.append(ce + rsd.loss_weight * rsd_term)
         loss = torch.stack(losses).mean()
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

@@ -142,21 +142,30 @@ def linear_nchw(layer, x):
 
 
 # ------------------------------------------------------------------------------------------------ modules
+class Projector(nn.Module):
+    """RSD_SPEC §1.3: Linear(d_s, gamma d_s, no bias) -> BatchNorm1d -> exact GELU -> Linear(., d_t, no bias),
+    Linears trunc-normal(0.02)."""
+
+    def __init__(self, d_student, d_teacher, gamma):
+        super().__init__()
+        self.fc1 = nn.Linear(d_student, gamma * d_student, bias=False)
+        self.bn = nn.BatchNorm1d(gamma * d_student)
+        self.fc2 = nn.Linear(gamma * d_student, d_teacher, bias=False)
+        for fc in (self.fc1, self.fc2):
+            nn.init.trunc_normal_(fc.weight, std=0.02)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.bn(self.fc1(x))))
+
+
 class RSD(nn.Module):
     def __init__(self, c, student, teacher, **_):
         super().__init__()
         self.c = c
-        d_s, d_t = student[1]["pre_logits"].shape[-1], teacher[1]["pre_logits"].shape[-1]
-        self.projector = nn.Module()     # RSD_SPEC §1.3
-        self.projector.fc1 = nn.Linear(d_s, c.gamma * d_s, bias=False)
-        self.projector.bn = nn.BatchNorm1d(c.gamma * d_s)
-        self.projector.fc2 = nn.Linear(c.gamma * d_s, d_t, bias=False)
-        for fc in (self.projector.fc1, self.projector.fc2):
-            nn.init.trunc_normal_(fc.weight, std=0.02)
+        self.projector = Projector(student[1]["pre_logits"].shape[-1], teacher[1]["pre_logits"].shape[-1], c.gamma)
 
     def forward(self, student, teacher, batch):
-        p = self.projector
-        projected = p.fc2(F.gelu(p.bn(p.fc1(student[1]["pre_logits"]))))
+        projected = self.projector(student[1]["pre_logits"])
         return {"rsd": self.c.loss_weight * rsd_loss(projected, teacher[1]["pre_logits"], self.c.kappa)}
 
 

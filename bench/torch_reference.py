@@ -60,20 +60,6 @@ def features(model, x):
     return model.get_classifier()(pre), pre
 
 
-def make_projector(d_student, d_teacher, gamma):
-    """RSD_SPEC §1.3: Linear(d_s, gamma d_s, no bias) -> BatchNorm1d -> exact GELU -> Linear(., d_t, no bias),
-    Linears trunc-normal(0.02)."""
-    projector = nn.Sequential(nn.Linear(d_student, gamma * d_student, bias=False), nn.BatchNorm1d(gamma * d_student),
-                              nn.GELU(), nn.Linear(gamma * d_student, d_teacher, bias=False))
-    for m in projector:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
-    return projector
-
-
-standardize, rsd_loss, kd_loss = torch_distillers.standardize, torch_distillers.rsd_loss, torch_distillers.kd_loss
-
-
 def stage_modules(model, indices):
     """The timm modules whose outputs are the reference's stage features (RSD_SPEC §3); `indices` index its list."""
     if hasattr(model, "layer1"):                                   # ResNet: layer1..4

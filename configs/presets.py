@@ -127,8 +127,14 @@ def cifar_pair(teacher, student, arg=None):
 def check_size(c):
     """The pair's real models at 224 px on the bundled digits, a random teacher, batch 16 in 2 statistics groups
     of 8: what `python -m rsd_jax.step_check` runs on a CPU to check the full-size architectures."""
-    c.data.update(dict(name="digits", data_dir="", batch_size=16, eval_batch_size=16, labelled_fraction=1.0))
-    c.distill.group_size = 8
+    return _on_digits(c, batch_size=16, eval_batch_size=16, group_size=8)
+
+
+def _on_digits(c, batch_size, eval_batch_size, group_size, **data):
+    """The bundled digits (all labels), a random teacher and 2 short epochs, keeping the pair's recipe."""
+    c.data.update(dict(name="digits", data_dir="", batch_size=batch_size, eval_batch_size=eval_batch_size,
+                       labelled_fraction=1.0, **data))
+    c.distill.group_size = group_size
     c.teacher.path = "random"
     c.optim.update(dict(epochs=2, warmup_epochs=1))
     return c
@@ -136,13 +142,9 @@ def check_size(c):
 
 def smoke(c):
     """Tiny members of the same families on the bundled digits, a random teacher, 2 short epochs: for CI and laptops."""
-    c.data.update(dict(name="digits", data_dir="", image_size=32, batch_size=32, eval_batch_size=40,
-                       labelled_fraction=1.0))
-    c.distill.group_size = 16
+    _on_digits(c, batch_size=32, eval_batch_size=40, group_size=16, image_size=32)
     c.student.overrides = SMOKE_OVERRIDES[c.student.model]
     c.teacher.overrides = SMOKE_OVERRIDES[c.teacher.model]
-    c.teacher.path = "random"
-    c.optim.update(dict(epochs=2, warmup_epochs=1))
     c.log_every_steps = 5
     return c
 

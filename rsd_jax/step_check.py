@@ -53,36 +53,35 @@ def extra_template(state):
     return dict(state.model_state["extra"], params=state.params["extra"])
 
 
-def load_extra(ref, template):
-    """Give the PyTorch method module the JAX side's initial variables (one generic name rule: convert.core)."""
+def _load(module, variables, table=None):
+    """Flax variables -> a torch module (strict), through convert.core's name rule (and a family table)."""
     import torch
 
     from convert import core
+    sd = core.variables_to_state_dict(jax.device_get(variables), table)
+    module.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in sd.items()}, strict=True)
+
+
+def load_extra(ref, template):
+    """Give the PyTorch method module the JAX side's variables."""
     if ref.extra is not None:
-        sd = core.variables_to_state_dict(jax.device_get(template))
-        ref.extra.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in sd.items()}, strict=True)
+        _load(ref.extra, template)
 
 
 def load_state(ref, config, state):
     """Give every PyTorch tensor of the step (student, method modules and their statistics) rsd_jax's value; the
     optimizer state stays each side's own."""
-    import torch
-
     from convert import core
     from rsd_jax import models
-    student = dict(state.model_state["student"], params=state.params["student"])
-    table = core.family_table(models.family_of(config.student.model))
-    sd = core.variables_to_state_dict(jax.device_get(student), table)
-    ref.student.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in sd.items()}, strict=True)
+    _load(ref.student, dict(state.model_state["student"], params=state.params["student"]),
+          core.family_table(models.family_of(config.student.model)))
     load_extra(ref, extra_template(state))
 
 
 def torch_variables(ref, config, num_classes, template):
     """The PyTorch side's state in the Flax layout: ({student, extra} params, {student, extra} other collections)."""
     from convert import core
-    from convert.from_torch import convert_state_dict
-    student = convert_state_dict(ref.student.state_dict(), config.student.model, num_classes,
-                                 dict(config.student.overrides))
+    student = _student_to_flax(ref.student.state_dict(), config, num_classes)
     params = {"student": student["params"], "extra": {}}
     stats = {"student": {"batch_stats": student.get("batch_stats", {})}, "extra": {}}
     if ref.extra is not None:
@@ -98,28 +97,32 @@ def per_parameter(ref, config, num_classes, template, values):
     import torch
 
     from convert import core
-    from convert.from_torch import convert_state_dict
     values = {k: (torch.zeros_like(p) if values.get(k) is None else values[k]) for k, p in ref.named_parameters()}
     sd = {k: values.get(f"student.{k}", v) for k, v in ref.student.state_dict().items()}
-    out = {"student": convert_state_dict(sd, config.student.model, num_classes,
-                                         dict(config.student.overrides))["params"], "extra": {}}
+    out = {"student": _student_to_flax(sd, config, num_classes)["params"], "extra": {}}
     if ref.extra is not None and template.get("params"):
         extra = {k[len("extra."):]: v for k, v in values.items() if k.startswith("extra.")}
         out["extra"] = core.state_dict_to_variables(_numpy(extra), {"params": template["params"]})["params"]
     return out
 
 
+def _student_to_flax(state_dict, config, num_classes):
+    from convert.from_torch import convert_state_dict
+    return convert_state_dict(state_dict, config.student.model, num_classes, dict(config.student.overrides))
+
+
 def adam_sensitivity(ref):
     """d(AdamW step) / d(gradient) per element after the last step: (1 - b1) / (1 - b1^t) / (sqrt(v_hat) + eps)."""
+    names = {id(p): name for name, p in ref.named_parameters()}
     out = {}
-    for name, p in ref.named_parameters():
-        state, group = ref.optimizer.state.get(p), next(g for g in ref.optimizer.param_groups
-                                                        if any(q is p for q in g["params"]))
-        if not state:
-            continue
-        (b1, b2), t = group["betas"], float(state["step"])
-        v_hat = state["exp_avg_sq"] / (1 - b2 ** t)
-        out[name] = (1 - b1) / (1 - b1 ** t) / (v_hat.sqrt() + group["eps"])
+    for group in ref.optimizer.param_groups:
+        (b1, b2), eps = group["betas"], group["eps"]
+        for p in group["params"]:
+            state = ref.optimizer.state.get(p)
+            if state:
+                t = float(state["step"])
+                v_hat = state["exp_avg_sq"] / (1 - b2 ** t)
+                out[names[id(p)]] = (1 - b1) / (1 - b1 ** t) / (v_hat.sqrt() + eps)
     return out
 
 
@@ -183,7 +186,6 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
     from bench import torch_reference
     from convert.from_torch import convert_state_dict, extract_state_dict, load_checkpoint, strip_prefixes
     from rsd_jax import train
-    from rsd_jax.data import augment
     from rsd_jax.errors import UserError
 
     config, torch_config, notes = _prepare(config, torch_set)
@@ -249,19 +251,9 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
                          "floor)")
 
         # ------------------------------------------------------------------------ the run's own augmentation
-        ds, aug = run.dataset, config.data.augment
-        if augment.mixing(aug):
-            group = config.distill.group_size or config.data.batch_size
-            transform = augment.train_batch_transform(aug, ds.mean, ds.std, num_classes,
-                                                      config.distill.label_smoothing, size=config.data.image_size,
-                                                      group_size=group)
-        else:
-            image_fn = augment.train_transform(aug, ds.mean, ds.std, size=config.data.image_size)
-            transform = lambda images, labels, rng: (image_fn(images, rng), labels)   # noqa: E731
-
         @jax.jit
         def pixels(rng_data, step, images, labels):
-            return transform(images, labels, train.step_rngs(rng_data, step, run.num_groups)[0])
+            return run.batch_transform(images, labels, train.step_rngs(rng_data, step, run.num_groups)[0])
 
         start_params = flat(state.params)
         records, ok, masks = [], True, {}
@@ -307,16 +299,16 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
             noise_rel = {k: rel(jp[k][masks[k]], tp[k][masks[k]]) for k in tp if np.any(masks[k])}
             stats_rel = {k: rel(js[k], ts[k]) for k in ts}
             terms = [k for k in t_losses[-1] if k != "lr"]
-            loss_rel = {k: abs(j_losses[k] - t_losses[-1][k]) / max(abs(t_losses[-1][k]), 1e-12) for k in terms}
-            lr_rel = abs(j_losses["lr"] - t_losses[-1]["lr"]) / max(abs(t_losses[-1]["lr"]), 1e-12)
+            scalar_rel = lambda a, b: rel(np.float64(a), np.float64(b))   # noqa: E731
+            loss_rel = {k: scalar_rel(j_losses[k], t_losses[-1][k]) for k in terms}
+            lr_rel = scalar_rel(j_losses["lr"], t_losses[-1]["lr"])
             # Per loss term and per tensor: float32's own error (PyTorch float32 vs float64) sets the bar where it
             # exceeds the tolerance: a tensor whose true gradient is 0 (a bias followed by BatchNorm) moves by
             # rounding noise alone, so its relative difference is O(1) on any float32 side.
             floors = {"loss": {}, "param": {}, "batch_stats": {}}
             if noise_floor:
                 fp, fs = flat(sides[0][0]), flat(sides[0][1])
-                floors = {"loss": {k: abs(t_losses[0][k] - t_losses[-1][k]) / max(abs(t_losses[-1][k]), 1e-12)
-                                   for k in terms},
+                floors = {"loss": {k: scalar_rel(t_losses[0][k], t_losses[-1][k]) for k in terms},
                           "param": {k: rel(fp[k][keep[k]], tp[k][keep[k]]) for k in tp},
                           "batch_stats": {k: rel(fs[k], ts[k]) for k in ts}}
             measured = {"loss": loss_rel, "param": param_rel, "batch_stats": stats_rel}

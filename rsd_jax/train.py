@@ -154,6 +154,7 @@ class Run:
     teacher_vars: Any
     extra: Any                # the method's module (rsd_jax.distillers), None for vanilla
     num_groups: int           # statistics groups per batch
+    batch_transform: Callable   # (raw images, labels, augmentation key) -> (normalised images, targets)
     steps_per_epoch: int
     total_steps: int
     abstract_state: Any       # ShapeDtypeStructs with shardings
@@ -221,8 +222,7 @@ def build_run(config, mesh=None, dataset=None):
     if batch_size % group_size:
         raise UserError(f"batch size {batch_size} is not a multiple of distill.group_size {group_size}")
     num_groups = batch_size // group_size
-    mixing = augment.mixing(config.data.augment)
-    if mixing:   # mixup/cutmix within each statistics group, as the reference mixes each GPU's batch
+    if augment.mixing(config.data.augment):   # mixup/cutmix within each statistics group, as the reference mixes each GPU's batch
         batch_transform = augment.train_batch_transform(
             config.data.augment, dataset.mean, dataset.std, dataset.num_classes, config.distill.label_smoothing,
             size=config.data.image_size, group_size=group_size)
@@ -329,7 +329,7 @@ def build_run(config, mesh=None, dataset=None):
     batch_spec = sharding.batch_sharding(mesh)
     return Run(
         config=config, mesh=mesh, dataset=dataset, student=student, teacher=teacher, teacher_vars=teacher_vars,
-        extra=extra, num_groups=num_groups, steps_per_epoch=steps_per_epoch,
+        extra=extra, num_groups=num_groups, batch_transform=batch_transform, steps_per_epoch=steps_per_epoch,
         total_steps=config.optim.epochs * steps_per_epoch, abstract_state=abstract_state,
         init=_awaited(jax.jit(init, out_shardings=state_sharding)),
         train_step=jax.jit(train_step, in_shardings=(state_sharding, replicated, batch_spec),
