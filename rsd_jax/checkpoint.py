@@ -107,11 +107,16 @@ class RunCheckpoints:
 
     def __init__(self, workdir):
         self._root = os.path.join(os.path.abspath(workdir), "checkpoints")
+        # Both managers save the same step at an epoch end; in a multi-process run their barriers (named after the
+        # step only) collide and the save hangs unless each manager prefixes its own.
         self._latest = ocp.CheckpointManager(
-            os.path.join(self._root, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+            os.path.join(self._root, "latest"), options=ocp.CheckpointManagerOptions(
+                max_to_keep=2, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix="latest")))
         self._best = ocp.CheckpointManager(
             os.path.join(self._root, "best"), options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m["top1"], best_mode="max"))
+                max_to_keep=1, best_fn=lambda m: m["top1"], best_mode="max",
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best")))
 
     def latest_step(self, which="latest"):
         return self._manager(which).latest_step()

@@ -283,10 +283,18 @@ def test_two_processes_match_one(config_file, tmp_path):
     port = free_port()
     procs = [subprocess.Popen(main_args(config_file, tmp_path / "two", f"--coordinator=127.0.0.1:{port}",
                                         "--num_processes=2", f"--process_id={i}", arg=1),
-                              cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=REPO, env=dict(env(), PYTHONFAULTHANDLER="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     try:
         outs = [p.communicate(timeout=240) for p in procs]
+    except subprocess.TimeoutExpired:
+        # A hang (e.g. colliding orbax barriers): SIGABRT makes faulthandler print every thread's stack.
+        for p in procs:
+            p.send_signal(signal.SIGABRT)
+        stacks = [p.communicate(timeout=60)[1] for p in procs]
+        pytest.fail("two-process run hung:\n" + "\n".join(f"process {i}:\n{err[-4000:]}"
+                                                           for i, err in enumerate(stacks)))
     finally:
         for p in procs:
             if p.poll() is None:
