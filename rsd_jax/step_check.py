@@ -2,7 +2,7 @@
 
   python -m rsd_jax.step_check --config configs/swin_resnet18.py:smoke [--steps 3] [--seed 0] [--epoch E] [--json]
       [--student S.pth] [--teacher T.pth] [--config.distill.method=kd] [--torch_set distill.rsd.kappa=0.02]
-      [--nonoise_floor]
+      [--nonoise_floor] [--jitter N]
 
 Every method (rsd, kd, dkd, dist, ofa, fitnet, crd, rkd, correlation, vanilla). Both sides start from the same
 weights: timm builds the student and teacher, randomly initialised from --seed or loaded from --student/--teacher
@@ -17,7 +17,9 @@ Per step it prints the losses of both sides, the LR, and the max relative differ
 tensor) of every student and method parameter, BatchNorm statistic and method state (the worst by name), and of
 the updates (parameter minus its start value). fp32 on CPU, highest matmul precision. The PyTorch step also runs in
 float64 (unless --nonoise_floor): rsd_jax is compared with that, and PyTorch float32 vs float64 is printed as the
-floor, what float32 rounding alone does to this step. Each step starts both sides from rsd_jax's weights and
+floor, what float32 rounding alone does to this step, together with --jitter N (default 2) more float64 steps with
+rounding-sized noise on the student's conv and linear outputs: for steps that sit on a ReLU kink, where PyTorch
+float32 may happen not to flip what rsd_jax's rounding flips. Each step starts both sides from rsd_jax's weights and
 statistics (the optimizer state stays each side's own): chained, rounding compounds through BatchNorm over a few
 values and ReLU kinks until PyTorch float32 and float64 themselves differ by ~0.5 after 3 smoke steps. Exit status
 1 when a loss, parameter or state differs by more than max(TOLERANCE, FLOOR_FACTOR x floor), or the LR by more
@@ -45,6 +47,9 @@ WORST = 3
 NOISE_GRAD = 1e-6     # |grad| <= this x the tensor's max |grad|: zero up to float rounding
 GRAD_ROUNDING = 1e-6  # float32 rounding of a gradient element, relative to its tensor's largest
 MOVED = 0.5           # AdamW: an element whose step that rounding moves by > this x the tolerance: not compared
+JITTER = 6e-8         # --jitter: float32's unit roundoff; extra float64 steps add it x RMS as noise to every conv and
+#                       linear output, which moves a smoke step's loss as much as float32 does (5e-6)
+JITTER_STEPS = 2      # how many such steps by default (0 with --nonoise_floor)
 
 
 # ------------------------------------------------------------------------------------------------ mapping
@@ -176,7 +181,7 @@ def _prepare(config, torch_set):
 
 
 def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, teacher_file=None, out=print,
-          noise_floor=True):
+          noise_floor=True, jitter=JITTER_STEPS):
     """Run the check; returns {"ok": bool, "steps": [per-step records], "notes": [...]}."""
     import jax.numpy as jnp
     import optax
@@ -188,6 +193,9 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
     from rsd_jax import train
     from rsd_jax.errors import UserError
 
+    jitter = jitter if noise_floor else 0
+    if jitter < 0:
+        raise UserError(f"step_check: --jitter {jitter} is negative")
     config, torch_config, notes = _prepare(config, torch_set)
     method = config.distill.method
     if config.ema.decay:
@@ -205,11 +213,17 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
             raise UserError("step_check: RSD on pre_logits only (the reference's only working stage, RSD_SPEC §7.1)")
         # The PyTorch side in float32, and (noise_floor) the same in float64: how far float32 rounding alone
         # carries a step here. rsd_jax is compared with the float64 side when there is one.
+        # --jitter adds float64 steps with rounding-sized noise on every conv and linear output (between the two):
+        # where a step is discontinuous (an activation within rounding of a ReLU kink), they show how far such a
+        # nudge alone carries it, which PyTorch float32 may happen to miss.
+        dtypes = (torch.float32,) + (torch.float64,) * (jitter + 1) if noise_floor else (torch.float32,)
         refs = [torch_reference.build(torch_config, num_classes, spe, len(run.dataset.train), seed=seed,
                                       student_state_dict=read(student_file), teacher_state_dict=read(teacher_file),
                                       dtype=dtype)
-                for dtype in ((torch.float32, torch.float64) if noise_floor else (torch.float32,))]
+                for dtype in dtypes]
         ref, want = refs[0], refs[-1]
+        for j, r in enumerate(refs[1:-1]):
+            _add_rounding_noise(r.student, torch.Generator().manual_seed(seed * 1000 + j))
         notes += list(ref.notes)
 
         # ------------------------------------------------------------------------ the same start on both sides
@@ -249,6 +263,9 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
             notes.append("rsd_jax (float32) compared with the PyTorch step in float64; 'floor' is PyTorch float32 "
                          f"vs float64; each loss term and tensor passes below max(tolerance, {FLOOR_FACTOR} x its "
                          "floor)")
+        if jitter:
+            notes.append(f"the floor also covers {jitter} float64 step(s) with noise of {JITTER:g} x RMS on the "
+                         "student's conv and linear outputs")
 
         # ------------------------------------------------------------------------ the run's own augmentation
         @jax.jit
@@ -306,11 +323,14 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
             # exceeds the tolerance: a tensor whose true gradient is 0 (a bias followed by BatchNorm) moves by
             # rounding noise alone, so its relative difference is O(1) on any float32 side.
             floors = {"loss": {}, "param": {}, "batch_stats": {}}
-            if noise_floor:
-                fp, fs = flat(sides[0][0]), flat(sides[0][1])
-                floors = {"loss": {k: scalar_rel(t_losses[0][k], t_losses[-1][k]) for k in terms},
-                          "param": {k: rel(fp[k][keep[k]], tp[k][keep[k]]) for k in tp},
-                          "batch_stats": {k: rel(fs[k], ts[k]) for k in ts}}
+            # With --jitter, the largest over PyTorch float32 and the jittered float64 steps.
+            for side, side_losses in zip(sides[:-1], t_losses[:-1]):
+                fp, fs = flat(side[0]), flat(side[1])
+                for cat, d in (("loss", {k: scalar_rel(side_losses[k], t_losses[-1][k]) for k in terms}),
+                               ("param", {k: rel(fp[k][keep[k]], tp[k][keep[k]]) for k in tp}),
+                               ("batch_stats", {k: rel(fs[k], ts[k]) for k in ts})):
+                    for k, v in d.items():
+                        floors[cat][k] = max(floors[cat].get(k, 0.0), v)
             measured = {"loss": loss_rel, "param": param_rel, "batch_stats": stats_rel}
             excess = {cat: {k: v / max(TOLERANCE[cat], FLOOR_FACTOR * floors[cat].get(k, 0.0)) for k, v in d.items()}
                       for cat, d in measured.items()}
@@ -328,7 +348,7 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
                           max_param_rel=max(param_rel.values()), worst_params=worst(param_rel),
                           max_update_rel=max(update_rel.values(), default=0.0), worst_updates=worst(update_rel),
                           max_batch_stats_rel=max(stats_rel.values(), default=0.0), worst_batch_stats=worst(stats_rel),
-                          floor=floor, worst_excess=worst_excess,
+                          floor=floor, floors=floors, worst_excess=worst_excess,
                           compared=dict(student=sum(k.startswith("student/") for k in param_rel),
                                         extra=sum(k.startswith("extra/") for k in param_rel),
                                         state=len(stats_rel), memory=sum("/memory/" in k for k in stats_rel)),
@@ -343,6 +363,20 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
                 load_state(r, config, state)
             start_params = jp
     return dict(ok=ok, steps=records, notes=notes, tolerance=TOLERANCE, floor_factor=FLOOR_FACTOR)
+
+
+def _add_rounding_noise(module, generator):
+    """Every conv and linear layer of `module` adds JITTER x (its output's RMS) x N(0, 1) to its output: float32's
+    rounding of a sum scales with the size of its terms, not of the result, so values next to 0 move as much as any."""
+    import torch
+
+    def hook(_, __, out):
+        scale = JITTER * out.detach().pow(2).mean().sqrt()
+        return out + scale * torch.randn(out.shape, generator=generator, dtype=out.dtype)
+
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(hook)
 
 
 def crd_negatives(run, state, batch):
@@ -375,8 +409,8 @@ def format_record(r):
             f"    updates max rel {r['max_update_rel']:.2e} (worst: {names(r['worst_updates'])})\n"
             f"    state (BatchNorm statistics, memory) max rel {r['max_batch_stats_rel']:.2e} "
             f"(worst: {names(r['worst_batch_stats'])})"
-            + (f"\n    float32 floor (PyTorch float32 vs float64), largest: loss {r['floor']['loss']:.1e}, params "
-               f"{r['floor']['param']:.1e}, state {r['floor']['batch_stats']:.1e}; closest to its bar: "
+            + (f"\n    floor (PyTorch float32, or jittered float64, vs float64), largest: loss "
+               f"{r['floor']['loss']:.1e}, params {r['floor']['param']:.1e}, state {r['floor']['batch_stats']:.1e}; closest to its bar: "
                + ", ".join(f"{k} {v:.1e} (floor {f:.1e})" for items in r["worst_excess"].values()
                            for k, v, f in items) if any(r["floor"].values()) else "")
             + (f"\n    not compared (gradient zero up to rounding): "
@@ -399,6 +433,9 @@ def _flags():
     flags.DEFINE_multi_string("torch_set", [], "KEY=VALUE applied to the PyTorch side's config only.")
     flags.DEFINE_bool("noise_floor", True, "Also run the PyTorch step in float64, compare rsd_jax with it and allow "
                       f"{FLOOR_FACTOR}x the PyTorch float32 error.")
+    flags.DEFINE_integer("jitter", JITTER_STEPS, f"Also run this many float64 steps with noise of {JITTER:g} x RMS on the "
+                         f"student's conv and linear outputs, and allow {FLOOR_FACTOR}x their difference too: for "
+                         "steps that sit on a ReLU kink.")
     return flags.FLAGS
 
 
@@ -414,7 +451,8 @@ def main(argv=None):
             raise UserError("usage: python -m rsd_jax.step_check --config configs/FILE.py[:arg] [--steps N]")
         quiet = FLAGS.json
         result = check(FLAGS.config, FLAGS.steps, FLAGS.seed, FLAGS.epoch, FLAGS.torch_set, FLAGS.student,
-                       FLAGS.teacher, out=(lambda s: None) if quiet else print, noise_floor=FLAGS.noise_floor)
+                       FLAGS.teacher, out=(lambda s: None) if quiet else print, noise_floor=FLAGS.noise_floor,
+                       jitter=FLAGS.jitter)
         if quiet:
             print(json.dumps(result))
         else:
