@@ -18,12 +18,12 @@ tensor) of every student and method parameter, BatchNorm statistic and method st
 the updates (parameter minus its start value). fp32 on CPU, highest matmul precision. The PyTorch step also runs in
 float64 (unless --nonoise_floor): rsd_jax is compared with that, and PyTorch float32 vs float64 is printed as the
 floor, what float32 rounding alone does to this step, together with --jitter N (default 2) more float64 steps with
-rounding-sized noise on the student's conv and linear outputs: for steps that sit on a ReLU kink, where PyTorch
-float32 may happen not to flip what rsd_jax's rounding flips. Each step starts both sides from rsd_jax's weights and
-statistics (the optimizer state stays each side's own): chained, rounding compounds through BatchNorm over a few
-values and ReLU kinks until PyTorch float32 and float64 themselves differ by ~0.5 after 3 smoke steps. Exit status
-1 when a loss, parameter or state differs by more than max(TOLERANCE, FLOOR_FACTOR x floor), or the LR by more
-than its tolerance; 2 for a bad command line.
+the student's conv and linear outputs rounded to a float32-sized grid: for steps that sit on a ReLU kink, where
+PyTorch float32 may happen not to flip what rsd_jax's rounding flips. Each step starts both sides from rsd_jax's
+weights and statistics (the optimizer state stays each side's own): chained, rounding compounds through BatchNorm
+over a few values and ReLU kinks until PyTorch float32 and float64 themselves differ by ~0.5 after 3 smoke steps.
+Exit status 1 when a loss, parameter or state differs by more than max(TOLERANCE, FLOOR_FACTOR x floor), or the LR
+by more than its tolerance; 2 for a bad command line.
 
 What the check changes in the config, and says so: student drop_path_rate/drop_rate 0 (random masks cannot be
 matched across frameworks); the checked steps start at epoch --epoch (default: the first after warmup, so the LR
@@ -47,8 +47,9 @@ WORST = 3
 NOISE_GRAD = 1e-6     # |grad| <= this x the tensor's max |grad|: zero up to float rounding
 GRAD_ROUNDING = 1e-6  # float32 rounding of a gradient element, relative to its tensor's largest
 MOVED = 0.5           # AdamW: an element whose step that rounding moves by > this x the tolerance: not compared
-JITTER = 6e-8         # --jitter: float32's unit roundoff; extra float64 steps add it x RMS as noise to every conv and
-#                       linear output, which moves a smoke step's loss as much as float32 does (5e-6)
+JITTER = 5e-7         # --jitter: extra float64 steps round every conv and linear output to a grid of 2 x this x the
+#                       channel's RMS: float32's error of a K-term sum, ~sqrt(K) x 6e-8, at the low end (K = 64) of
+#                       these layers' fan-in; a smoke step's loss then moves 1-5x as much as in PyTorch float32
 JITTER_STEPS = 2      # how many such steps by default (0 with --nonoise_floor)
 
 
@@ -213,7 +214,7 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
             raise UserError("step_check: RSD on pre_logits only (the reference's only working stage, RSD_SPEC §7.1)")
         # The PyTorch side in float32, and (noise_floor) the same in float64: how far float32 rounding alone
         # carries a step here. rsd_jax is compared with the float64 side when there is one.
-        # --jitter adds float64 steps with rounding-sized noise on every conv and linear output (between the two):
+        # --jitter adds float64 steps with every conv and linear output rounded to a coarse grid (between the two):
         # where a step is discontinuous (an activation within rounding of a ReLU kink), they show how far such a
         # nudge alone carries it, which PyTorch float32 may happen to miss.
         dtypes = (torch.float32,) + (torch.float64,) * (jitter + 1) if noise_floor else (torch.float32,)
@@ -264,8 +265,8 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
                          f"vs float64; each loss term and tensor passes below max(tolerance, {FLOOR_FACTOR} x its "
                          "floor)")
         if jitter:
-            notes.append(f"the floor also covers {jitter} float64 step(s) with noise of {JITTER:g} x RMS on the "
-                         "student's conv and linear outputs")
+            notes.append(f"the floor also covers {jitter} float64 step(s) with the student's conv and linear outputs "
+                         f"rounded to {2 * JITTER:g} x their channel's RMS (randomly shifted)")
 
         # ------------------------------------------------------------------------ the run's own augmentation
         @jax.jit
@@ -366,13 +367,20 @@ def check(config, steps=3, seed=0, epoch=None, torch_set=(), student_file=None, 
 
 
 def _add_rounding_noise(module, generator):
-    """Every conv and linear layer of `module` adds JITTER x (its output's RMS) x N(0, 1) to its output: float32's
-    rounding of a sum scales with the size of its terms, not of the result, so values next to 0 move as much as any."""
+    """Every conv and linear layer of `module` rounds its output to a grid of JITTER x 2 x (the channel's RMS),
+    shifted by a random fraction of a step per channel and call; the gradient passes unchanged. Like float32's
+    rounding, it is a function of the value (identical examples stay identical, a constant channel stays constant)
+    of the size of the sum's terms rather than of the result (values next to 0 move as much as any)."""
     import torch
 
-    def hook(_, __, out):
-        scale = JITTER * out.detach().pow(2).mean().sqrt()
-        return out + scale * torch.randn(out.shape, generator=generator, dtype=out.dtype)
+    def hook(layer, _, out):
+        channel = 1 if isinstance(layer, torch.nn.Conv2d) else out.ndim - 1
+        other = [d for d in range(out.ndim) if d != channel]
+        step = 2 * JITTER * out.detach().pow(2).mean(dim=other, keepdim=True).sqrt()
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        shift = torch.rand(step.shape, generator=generator, dtype=out.dtype) * step
+        rounded = torch.round((out.detach() + shift) / step) * step - shift
+        return out + (rounded - out.detach())
 
     for m in module.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
@@ -410,7 +418,8 @@ def format_record(r):
             f"    state (BatchNorm statistics, memory) max rel {r['max_batch_stats_rel']:.2e} "
             f"(worst: {names(r['worst_batch_stats'])})"
             + (f"\n    floor (PyTorch float32, or jittered float64, vs float64), largest: loss "
-               f"{r['floor']['loss']:.1e}, params {r['floor']['param']:.1e}, state {r['floor']['batch_stats']:.1e}; closest to its bar: "
+               f"{r['floor']['loss']:.1e}, params {r['floor']['param']:.1e}, state {r['floor']['batch_stats']:.1e}; "
+               "closest to its bar: "
                + ", ".join(f"{k} {v:.1e} (floor {f:.1e})" for items in r["worst_excess"].values()
                            for k, v, f in items) if any(r["floor"].values()) else "")
             + (f"\n    not compared (gradient zero up to rounding): "
@@ -433,9 +442,9 @@ def _flags():
     flags.DEFINE_multi_string("torch_set", [], "KEY=VALUE applied to the PyTorch side's config only.")
     flags.DEFINE_bool("noise_floor", True, "Also run the PyTorch step in float64, compare rsd_jax with it and allow "
                       f"{FLOOR_FACTOR}x the PyTorch float32 error.")
-    flags.DEFINE_integer("jitter", JITTER_STEPS, f"Also run this many float64 steps with noise of {JITTER:g} x RMS on the "
-                         f"student's conv and linear outputs, and allow {FLOOR_FACTOR}x their difference too: for "
-                         "steps that sit on a ReLU kink.")
+    flags.DEFINE_integer("jitter", JITTER_STEPS, "Also run this many float64 steps with the student's conv and linear "
+                         f"outputs rounded to {2 * JITTER:g} x their channel's RMS, and allow {FLOOR_FACTOR}x their "
+                         "difference too: for steps that sit on a ReLU kink.")
     return flags.FLAGS
 
 
