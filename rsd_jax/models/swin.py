@@ -103,9 +103,9 @@ class WindowAttention(nn.Module):
         qkv = _dense(3 * self.dim, name="qkv")(x).reshape(b, nw, n, 3, self.num_heads, head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q * head_dim ** -0.5, k) + bias
-        if mask is not None:
-            logits = logits + jnp.asarray(mask)[:, None]
-        attn = jax.nn.softmax(logits, axis=-1)
+        if mask is not None:   # in the compute dtype: a float32 mask would turn the rest of a bf16 model float32
+            logits = logits + jnp.asarray(mask, logits.dtype)[:, None]
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)   # as torch autocast: in float32
         attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=not train)
         out = jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(b, nw, n, self.dim)
         out = _dense(self.dim, name="proj")(out)
