@@ -1,66 +1,88 @@
 #!/usr/bin/env bash
 # Speed check on a GPU machine (Python 3.12, jax with CUDA, torch and timm preinstalled, no network):
-#   bash bench/gpu_check.sh [BATCH] [STEPS]
+#   bash bench/gpu_check.sh [BATCH] [STEPS] [BUDGET_S]
 # Swin-T -> ResNet18 RSD at 224, batch 256 (2 statistics groups of 128, as the reference on 2 GPUs): the JAX step
-# in fp32 and bf16, the torch baseline in fp32 and AMP (bf16 autocast), one fresh process each, then a table.
-# Budget: about 1-2 min of build (the random teacher is initialised op by op) and compile per JAX run, a few
-# seconds of torch warm-up; every run is capped by `timeout`
-# (165+165+55+55 s) so the whole script stays under 8 minutes.
+# in bf16 (with a profile of 3 more steps: device time per kernel) and fp32, and the torch baseline in AMP (bf16
+# autocast), fp32, and fp32 with TF32 matrix products (JAX's float32 default on a GPU), one fresh process each; then,
+# while the budget lasts, bf16 / AMP at 4x the batch. Runs go in that order of importance,
+# each capped by `timeout` and by what is left of BUDGET_S (default 480 s), so the whole script stays under
+# 8 minutes; a run that does not fit is reported as skipped. Prints a table; JSON lines and logs go to $OUT.
 set -u
 cd "$(dirname "$0")/.."
 BATCH=${1:-256}
-STEPS=${2:-10}
-CONFIG=configs/swin_resnet18.py
+STEPS=${2:-20}
+BUDGET=${3:-480}
+CONFIG=${CONFIG:-configs/swin_resnet18.py}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
+RESULTS=$OUT/results.jsonl
+LOG=$OUT/runs.log
+: > "$RESULTS"; : > "$LOG"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false     # peak memory of the step, not of the allocator's pool
 export TF_CPP_MIN_LOG_LEVEL=3
+export PYTHONUNBUFFERED=1
 unset JAX_COMPILATION_CACHE_DIR                 # compile_s is a real compile
 PY=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-$PY -c "import jax, torch, timm; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, \
-torch.cuda.is_available(), '| timm', timm.__version__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
+$PY -c "import jax, flax, optax, torch, timm; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, \
+'| optax', optax.__version__, '| torch', torch.__version__, torch.cuda.is_available(), '| timm', timm.__version__)"
 
-run() {   # name, seconds, command...
-  local name=$1 limit=$2; shift 2
+run() {   # name, cap in seconds, command...: one JSON line tagged with `name` into $RESULTS
+  local name=$1 cap=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 30 ]; then echo "$name: skipped (budget)" >&2; return; fi
   local start=$SECONDS
-  timeout "$limit" "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.err"
+  echo "=== $name: $* (limit $limit s)" >> "$LOG"
+  timeout "$limit" "$@" --json > "$OUT/last.json" 2>> "$LOG"
   local rc=$?
   echo "$name: exit $rc after $((SECONDS - start)) s" >&2
-  [ $rc -eq 0 ] || tail -5 "$OUT/$name.err" >&2
+  if [ $rc -eq 0 ]; then
+    $PY -c "import json, sys; r = json.loads([l for l in open(sys.argv[1]) if l.startswith('{')][-1]); \
+r['run'] = sys.argv[2]; print(json.dumps(r))" "$OUT/last.json" "$name" >> "$RESULTS"
+  else
+    tail -5 "$LOG" >&2
+  fi
 }
 
-run jax_fp32   165 $PY -m rsd_jax.bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --dtype float32
-run jax_bf16   165 $PY -m rsd_jax.bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --dtype bfloat16
-run torch_fp32  55 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS"
-run torch_amp   55 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --amp
+B4=$((4 * BATCH))
+run jax_bf16     150 $PY -m rsd_jax.bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --dtype bfloat16 \
+  --profile 3
+run torch_amp     60 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --amp
+run jax_fp32     150 $PY -m rsd_jax.bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --dtype float32
+run torch_fp32    60 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS"
+run torch_tf32    60 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --tf32
+run jax_bf16_x4  150 $PY -m rsd_jax.bench --config $CONFIG --batch "$B4" --steps "$STEPS" --dtype bfloat16
+run torch_amp_x4  60 $PY -m bench.torch_bench --config $CONFIG --batch "$B4" --steps "$STEPS" --amp
 
-$PY - "$OUT" <<'PY'
-import json, os, sys
-out = sys.argv[1]
+$PY - "$RESULTS" <<'PY'
+import json, sys
 rows = {}
-for name in ("jax_fp32", "jax_bf16", "torch_fp32", "torch_amp"):
-    try:
-        with open(os.path.join(out, name + ".json")) as f:
-            rows[name] = json.loads([l for l in f if l.startswith("{")][-1])
-    except (OSError, IndexError, ValueError):
-        rows[name] = None
-fmt = "{:<11} {:>9} {:>9} {:>10} {:>8} {:>7} {:>9} {:>9}"
-print(fmt.format("run", "img/s", "ms/step", "compile_s", "TFLOP/s", "MFU%", "peak GiB", "loss"))
-for name, r in rows.items():
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    rows[r["run"]] = r
+fmt = "{:<14} {:>6} {:>9} {:>9} {:>9} {:>8} {:>6} {:>9} {:>8}"
+print(fmt.format("run", "batch", "img/s", "ms/step", "compile_s", "TFLOP/s", "MFU%", "peak GiB", "loss"))
+for name in ("jax_bf16", "torch_amp", "jax_fp32", "torch_fp32", "torch_tf32", "jax_bf16_x4", "torch_amp_x4"):
+    r = rows.get(name)
     if r is None:
-        print(fmt.format(name, "failed", "", "", "", "", "", ""))
+        print(fmt.format(name, "", "failed or skipped", "", "", "", "", "", ""))
         continue
     g = lambda k, f: f.format(r[k]) if r.get(k) is not None else "-"
     mem = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "-"
     mfu = f"{100 * r['mfu']:.1f}" if r.get("mfu") is not None else "-"
-    print(fmt.format(name, g("images_per_s", "{:.1f}"), g("step_ms", "{:.1f}"), g("compile_s", "{:.1f}"),
+    print(fmt.format(name, r["batch"], g("images_per_s", "{:.1f}"), g("step_ms", "{:.1f}"), g("compile_s", "{:.1f}"),
                      g("tflops_per_s", "{:.1f}"), mfu, mem, g("loss", "{:.3f}")))
-j = {k: rows[k]["images_per_s"] for k in ("jax_fp32", "jax_bf16") if rows[k]}
-t = {k: rows[k]["images_per_s"] for k in ("torch_fp32", "torch_amp") if rows[k]}
-if "jax_fp32" in j and "torch_fp32" in t:
-    print(f"JAX/torch fp32: {j['jax_fp32'] / t['torch_fp32']:.2f}")
-if "jax_bf16" in j and "torch_amp" in t:
-    print(f"JAX bf16 / torch AMP: {j['jax_bf16'] / t['torch_amp']:.2f}")
-print(f"JSON lines in {out}")
+ips = {k: r["images_per_s"] for k, r in rows.items()}
+for a, b in (("jax_bf16", "torch_amp"), ("jax_fp32", "torch_fp32"), ("jax_fp32", "torch_tf32"),
+             ("jax_bf16_x4", "torch_amp_x4")):
+    if a in ips and b in ips:
+        print(f"{a} / {b}: {ips[a] / ips[b]:.2f}")
+kernels = rows.get("jax_bf16", {}).get("profile", {}).get("kernels")
+if kernels:
+    print(f"jax_bf16 device time {kernels['ms_per_step']:.1f} ms/step in {kernels['distinct']} kernels; the top 12:")
+    for k in kernels["top"][:12]:
+        print(f"  {k['ms_per_step']:6.2f} ms x{k['calls_per_step']:<4g} {k['name'][:60]}  "
+              f"{k['stats'].get('name', k['stats'].get('hlo_op', ''))[-50:]}")
+print(f"JSON lines in {sys.argv[1]}")
 PY

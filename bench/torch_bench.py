@@ -8,7 +8,9 @@ and the RSD projector in train mode, CE with label smoothing + RSD from the form
 reference's weight-decay rule. Inputs are already-augmented float batches on the device: the reference augments on
 the CPU in its data loader workers, so augmentation is not part of its step (rsd_jax's step includes it).
 `--amp` runs the forward passes under torch.autocast (bfloat16 by default; `--amp-dtype float16` adds a GradScaler
-like the reference's native AMP). cudnn.benchmark is on, as in the reference's train.py.
+like the reference's native AMP). cudnn.benchmark is on, as in the reference's train.py. `--tf32` lets float32
+matrix products use TF32, as cuDNN's convolutions already do by default and as JAX's float32 default precision
+does on a GPU (torch's default, and the reference's, is full float32 for them).
 """
 import argparse
 import json
@@ -70,9 +72,10 @@ def make_step(config, student, teacher, projector, optimizer, amp_dtype, device)
     return step
 
 
-def run_bench(config, steps=5, warmup=2, amp=False, amp_dtype="bfloat16", channels_last=False):
+def run_bench(config, steps=5, warmup=2, amp=False, amp_dtype="bfloat16", channels_last=False, tf32=False):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     student, teacher, projector, optimizer = build(config, device, channels_last)
     dtype = getattr(torch, amp_dtype) if amp else None
     step = make_step(config, student, teacher, projector, optimizer, dtype, device)
@@ -104,7 +107,8 @@ def run_bench(config, steps=5, warmup=2, amp=False, amp_dtype="bfloat16", channe
         "student": config.student.model, "teacher": config.teacher.model, "method": "rsd", "batch": b,
         "image_size": size, "dtype": f"amp-{amp_dtype}" if amp else "float32", "steps": steps,
         "device": f"{device.type}:{name}", "devices": 1, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "channels_last": channels_last, "warmup_s": round(warmup_s, 3),
+        "threads": torch.get_num_threads(), "channels_last": channels_last, "tf32_matmul": tf32,
+        "warmup_s": round(warmup_s, 3),
         "step_ms": round(1e3 * step_s, 2), "images_per_s": round(b / step_s, 2), "loss": float(loss),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
     }
@@ -118,12 +122,14 @@ def main(argv=None):
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--tf32", action="store_true", help="float32 matrix products in TF32 (JAX's GPU default)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     config = bench_config(load_config(args.config), args.batch)
     if config.distill.method != "rsd":
         sys.exit(f"error: the torch baseline implements RSD only, the config's method is {config.distill.method}")
-    r = run_bench(config, args.steps, amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last)
+    r = run_bench(config, args.steps, amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
+                  tf32=args.tf32)
     print(json.dumps(r) if args.json else
           f"torch {r['teacher']} -> {r['student']} {r['dtype']} batch {r['batch']} at {r['image_size']}: "
           f"{r['images_per_s']:.1f} images/s ({r['step_ms']:.1f} ms/step) on {r['device']}")

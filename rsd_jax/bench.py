@@ -72,16 +72,28 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
 
 
-def _flops(compiled):
-    cost = compiled.cost_analysis()
+def _flops(lowered):
+    """FLOPs of one device's program from XLA's cost analysis of the lowered (not yet optimised) HLO: the
+    compiled program's count misses convolutions that the GPU compiler turns into cuDNN custom calls. GPU
+    backends (PJRT plugins) do not analyse a lowered program, so there it is analysed by the CPU client, which
+    is platform-independent at this stage (through jaxlib's private hook; None if that is gone)."""
+    cost = lowered.cost_analysis()
+    if not cost:
+        try:
+            import jax
+            from jax._src.lib import _jax
+            cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client,
+                                                 lowered.compiler_ir("hlo").as_hlo_module())
+        except Exception:  # noqa: BLE001
+            return None
     if isinstance(cost, (list, tuple)):      # older jax: one dict per program
         cost = cost[0] if cost else {}
     return float(cost.get("flops", 0.0)) if cost else None
 
 
-def run_bench(config, steps=5, warmup=1):
-    """Build, compile and time `steps` train steps of `config` (already passed through `bench_config`).
-    Returns a dict of the measurements (the `--json` line)."""
+def run_bench(config, steps=5, warmup=1, profile=0):
+    """Build, compile and time `steps` train steps of `config` (already passed through `bench_config`), then
+    trace `profile` more steps (`device_profile`). Returns a dict of the measurements (the `--json` line)."""
     import jax
     import numpy as np
 
@@ -95,10 +107,11 @@ def run_bench(config, steps=5, warmup=1):
     build_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    compiled = run.train_step.lower(state, run.teacher_vars, batch).compile()
+    lowered = run.train_step.lower(state, run.teacher_vars, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     devices = run.mesh.size
-    flops_device = _flops(compiled)
+    flops_device = _flops(lowered)
     memory = compiled.memory_analysis()
 
     # Fake CPU devices deadlock on back-to-back sharded steps unless each is awaited (MACHINE_NOTES); elsewhere
@@ -141,6 +154,62 @@ def run_bench(config, steps=5, warmup=1):
             out["mfu"] = round(out["flops_per_step"] / step_s / (peak * devices), 4)
     if not np.isfinite(loss):
         out["error"] = "non-finite loss"
+    if profile:
+        def steps_to_trace():
+            nonlocal state
+            for _ in range(profile):
+                state, _ = compiled(state, run.teacher_vars, batch)
+            jax.block_until_ready(state)
+        try:   # a trace the profiler cannot read must not cost the measurements above
+            out["profile"] = device_profile(steps_to_trace, profile)
+        except Exception as e:  # noqa: BLE001
+            out["profile"] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def device_profile(fn, steps, top=30):
+    """Device time of `fn()` (which runs `steps` steps) from a jax.profiler trace, per step: the total of each
+    trace line of the device planes; the kernels (the "Stream" lines) and the ops of each other line (e.g. XLA
+    Ops) ranked by time, each with one event's string stats; and the kernel time per model scope (the first two
+    components of the op name, e.g. `SwinTransformer_0/layers_2` or `transpose(jvp(ResNet_0))/layer4_1`, taken
+    from the first stat that holds one)."""
+    import collections
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            fn()
+        path = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[0]
+        data = ProfileData.from_file(path)
+    events = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0]))   # group -> name -> [ns, n]
+    examples = {}
+    scopes = collections.defaultdict(int)
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            group = "kernels" if line.name.startswith("Stream") else line.name
+            for event in line.events:
+                e = events[group][event.name]
+                e[0] += event.duration_ns
+                e[1] += 1
+                if (group, event.name) not in examples:
+                    examples[group, event.name] = {k: v for k, v in event.stats if isinstance(v, str)}
+                if group == "kernels":
+                    scope = next((v for v in examples[group, event.name].values()
+                                  if "/" in v and ("jit(" in v or "jvp(" in v or "transpose(" in v)), "")
+                    parts = [p for p in scope.split("/") if p and not p.startswith("jit(")]
+                    scopes["/".join(parts[:2]) or "(none)"] += event.duration_ns
+    ms = lambda ns: round(ns / steps / 1e6, 3)
+    out = {"steps": steps, "scopes_ms_per_step": {k: ms(v) for k, v in sorted(scopes.items(), key=lambda kv: -kv[1])}}
+    for group, names in events.items():
+        ranked = sorted(names.items(), key=lambda kv: -kv[1][0])
+        out[group] = {"ms_per_step": ms(sum(v[0] for v in names.values())), "distinct": len(names), "top": [
+            {"name": name[:200], "ms_per_step": ms(ns), "calls_per_step": n / steps,
+             "stats": {k: v[:300] for k, v in examples[group, name].items()}} for name, (ns, n) in ranked[:top]]}
     return out
 
 
@@ -247,6 +316,8 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="one machine-readable line")
     parser.add_argument("--breakdown", action="store_true", help="also time augmentation, teacher forward and "
                         "student forward+backward alone")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="trace N more steps and add the "
+                        "device time per kernel and per model scope (`profile` in the JSON line)")
     parser.add_argument("--compare-torch", action="store_true", help="alternate with bench.torch_bench")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each with --compare-torch")
     args = parser.parse_args(argv)
@@ -255,7 +326,7 @@ def main(argv=None):
     from rsd_jax.errors import UserError
     try:   # no persistent compilation cache here (unless the environment sets one): compile_s is a real compile
         config = bench_config(load_config(args.config), args.batch, args.dtype)
-        result = run_bench(config, steps=args.steps)
+        result = run_bench(config, steps=args.steps, profile=args.profile)
         if args.breakdown:
             result.update(breakdown(config, steps=args.steps))
     except UserError as e:
