@@ -7,6 +7,9 @@
 # while the budget lasts, bf16 / AMP at 4x the batch. Runs go in that order of importance,
 # each capped by `timeout` and by what is left of BUDGET_S (default 480 s), so the whole script stays under
 # 8 minutes; a run that does not fit is reported as skipped. Prints a table; JSON lines and logs go to $OUT.
+# The lent machines lack ml_collections (jax, flax, optax, orbax, torch and timm are there): download its wheel
+# into .whl/ here (pip download --no-deps --python-version 3.12 ml_collections==1.1.0), carry it, and start the
+# call with `pip install --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site`.
 set -u
 cd "$(dirname "$0")/.."
 BATCH=${1:-256}
