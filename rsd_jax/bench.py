@@ -168,12 +168,7 @@ def run_bench(config, steps=5, warmup=1, profile=0):
 
 
 def device_profile(fn, steps, top=30):
-    """Device time of `fn()` (which runs `steps` steps) from a jax.profiler trace, per step: the total of each
-    trace line of the device planes; the kernels (the "Stream" lines) and the ops of each other line (e.g. XLA
-    Ops) ranked by time, each with one event's string stats; and the kernel time per model scope (the first two
-    components of the op name, e.g. `SwinTransformer_0/layers_2` or `transpose(jvp(ResNet_0))/layer4_1`, taken
-    from the first stat that holds one)."""
-    import collections
+    """Device time of `fn()` (which runs `steps` steps) from a jax.profiler trace: `summarize_profile`."""
     import glob
     import tempfile
 
@@ -183,7 +178,16 @@ def device_profile(fn, steps, top=30):
         with jax.profiler.trace(tmp):
             fn()
         path = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[0]
-        data = ProfileData.from_file(path)
+        return summarize_profile(ProfileData.from_file(path), steps, top)
+
+
+def summarize_profile(data, steps, top=30):
+    """Per step, from a trace (jax.profiler.ProfileData) of `steps` steps: the total of each trace line of the
+    device planes; the kernels (the "Stream" lines) and the ops of each other line (e.g. XLA Ops) ranked by time,
+    each with one event's string stats; and the kernel time per model scope (the first two components of the op
+    name after the jitted function's, e.g. `SwinTransformer/layers_2` or `transpose(jvp(ResNet))/layer4_1`, taken
+    from the first stat that holds one; kernels inside CUDA command buffers carry none)."""
+    import collections
     events = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0]))   # group -> name -> [ns, n]
     examples = {}
     scopes = collections.defaultdict(int)
@@ -203,7 +207,7 @@ def device_profile(fn, steps, top=30):
                                   if "/" in v and ("jit(" in v or "jvp(" in v or "transpose(" in v)), "")
                     parts = [p for p in scope.split("/") if p and not p.startswith("jit(")]
                     scopes["/".join(parts[:2]) or "(none)"] += event.duration_ns
-    ms = lambda ns: round(ns / steps / 1e6, 3)
+    ms = lambda ns: round(ns / steps / 1e6, 3)   # noqa: E731
     out = {"steps": steps, "scopes_ms_per_step": {k: ms(v) for k, v in sorted(scopes.items(), key=lambda kv: -kv[1])}}
     for group, names in events.items():
         ranked = sorted(names.items(), key=lambda kv: -kv[1][0])

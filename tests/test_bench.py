@@ -43,6 +43,38 @@ def test_flops_of_a_program_its_backend_does_not_analyse_come_from_the_cpu_clien
     assert matmul + conv / 2 < flops <= matmul + conv       # XLA leaves out the taps on SAME padding
 
 
+def test_profile_summary_ranks_device_kernels_per_step_and_attributes_scopes():
+    # A GPU trace in the profiler's own format (there is no GPU here): two steps of three kernels on one stream,
+    # one XLA Ops line, and a host plane that must be left out.
+    from jax.profiler import ProfileData
+    ev = lambda meta, start_us, dur_us, stat="": (    # noqa: E731
+        f"events {{ metadata_id: {meta} offset_ps: {start_us * 10**6} duration_ps: {dur_us * 10**6} {stat} }}")
+    conv = 'stats { metadata_id: 10 str_value: "jit(train_step)/transpose(jvp(ResNet))/layer1_0/conv1/conv" }'
+    fusion = 'stats { metadata_id: 11 str_value: "command_buffer_3" }'
+    kernels = " ".join([ev(1, 0, 300, conv), ev(2, 400, 100, fusion), ev(1, 600, 300, conv), ev(2, 1000, 100, fusion)])
+    text = f"""
+    planes {{ name: "/device:GPU:0"
+      lines {{ name: "Stream #7(Compute)" {kernels} }}
+      lines {{ name: "XLA Ops" {ev(3, 0, 900)} }}
+      event_metadata {{ key: 1 value {{ id: 1 name: "sm90_wgrad_kernel" }} }}
+      event_metadata {{ key: 2 value {{ id: 2 name: "loop_add_fusion" }} }}
+      event_metadata {{ key: 3 value {{ id: 3 name: "cudnn-conv-bw-filter.1" }} }}
+      stat_metadata {{ key: 10 value {{ id: 10 name: "name" }} }}
+      stat_metadata {{ key: 11 value {{ id: 11 name: "hlo_op" }} }} }}
+    planes {{ name: "/host:CPU" lines {{ name: "python" {ev(1, 0, 5000)} }}
+      event_metadata {{ key: 1 value {{ id: 1 name: "host_work" }} }} }}"""
+    data = ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(text))
+    p = bench.summarize_profile(data, steps=2)
+    assert p["kernels"]["ms_per_step"] == 0.4 and p["kernels"]["distinct"] == 2
+    first, second = p["kernels"]["top"]
+    assert (first["name"], first["ms_per_step"], first["calls_per_step"]) == ("sm90_wgrad_kernel", 0.3, 1.0)
+    assert (second["name"], second["ms_per_step"], second["stats"]) == (
+        "loop_add_fusion", 0.1, {"hlo_op": "command_buffer_3"})
+    assert p["XLA Ops"]["ms_per_step"] == 0.45
+    assert p["scopes_ms_per_step"] == {"transpose(jvp(ResNet))/layer1_0": 0.3, "(none)": 0.1}
+    assert "host_work" not in json.dumps(p)
+
+
 def _one_step(dtype):
     config = tiny_config("rsd")
     config.compute_dtype = dtype
