@@ -73,7 +73,7 @@ def peak_flops(device):
 
 
 def _flops(lowered):
-    """FLOPs of one device's program from XLA's cost analysis of the lowered (not yet optimised) HLO: the
+    """FLOPs of the whole (unpartitioned) program from XLA's cost analysis of the lowered (not yet optimised) HLO: the
     compiled program's count misses convolutions that the GPU compiler turns into cuDNN custom calls. GPU
     backends (PJRT plugins) do not analyse a lowered program, so there it is analysed by the CPU client, which
     is platform-independent at this stage (through jaxlib's private hook; None if that is gone)."""
@@ -111,7 +111,7 @@ def run_bench(config, steps=5, warmup=1, profile=0):
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     devices = run.mesh.size
-    flops_device = _flops(lowered)
+    flops = _flops(lowered)
     memory = compiled.memory_analysis()
 
     # Fake CPU devices deadlock on back-to-back sharded steps unless each is awaited (MACHINE_NOTES); elsewhere
@@ -142,8 +142,8 @@ def run_bench(config, steps=5, warmup=1, profile=0):
         "device": f"{device.platform}:{device.device_kind}", "devices": devices, "jax": jax.__version__,
         "build_s": round(build_s, 3), "compile_s": round(compile_s, 3), "step_ms": round(1e3 * step_s, 2),
         "images_per_s": round(b / step_s, 2), "loss": loss,
-        # cost_analysis is of one device's SPMD program; the step's total is that times the devices.
-        "flops_per_step": flops_device * devices if flops_device else None,
+        # The lowered program is the whole step, before SPMD partitioning splits it over the devices.
+        "flops_per_step": flops,
         "peak_memory_bytes": (stats or {}).get("peak_bytes_in_use"),
         "temp_memory_bytes": getattr(memory, "temp_size_in_bytes", None) if memory is not None else None,
     }

@@ -43,6 +43,19 @@ def test_flops_of_a_program_its_backend_does_not_analyse_come_from_the_cpu_clien
     assert matmul + conv / 2 < flops <= matmul + conv       # XLA leaves out the taps on SAME padding
 
 
+def test_flops_per_step_are_the_whole_steps_on_any_device_count():
+    # The lowered program is the whole step (SPMD partitioning into per-device programs comes later): the bench on
+    # 8 devices reports what one device's lowering counts.
+    config = bench.bench_config(tiny_config("rsd"), batch=16)
+    run = train.build_run(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)),
+                          dataset=bench.synthetic_dataset(config))
+    one_device = bench._flops(run.train_step.lower(jax.eval_shape(run.init, jax.random.key(0)), run.teacher_vars,
+                                                   run.train_batch(0)))
+    r = bench.run_bench(config, steps=1)
+    assert r["devices"] == 8 and one_device > 1e6
+    np.testing.assert_allclose(r["flops_per_step"], one_device, rtol=0.01)
+
+
 def test_profile_summary_ranks_device_kernels_per_step_and_attributes_scopes():
     # A GPU trace in the profiler's own format (there is no GPU here): two steps of three kernels on one stream,
     # one XLA Ops line, and a host plane that must be left out.
