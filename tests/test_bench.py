@@ -1,9 +1,7 @@
 """The speed benchmark and what it relies on: its JSON fields, bf16 mixed precision agreeing with fp32, and a train
 step that compiles once and donates its state."""
-import glob
 import json
 import logging
-import os
 import re
 
 import jax
@@ -12,6 +10,7 @@ from jax.sharding import Mesh
 import numpy as np
 import pytest
 
+from configs.presets import SMOKE_OVERRIDES
 from rsd_jax import bench, models, train
 from tiny import tiny_config
 
@@ -26,6 +25,14 @@ def test_bench_runs_at_smoke_size_and_reports_its_fields():
     assert "mfu" not in r                       # no known peak for a CPU
     assert json.loads(json.dumps(r)) == r       # the --json line
     assert "images/s" in bench.format_result(r)
+    # FLOPs are the whole step's on any device count (the lowered program, before SPMD partitioning): the bench on
+    # 8 devices reports what one device's lowering counts.
+    run = train.build_run(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)),
+                          dataset=bench.synthetic_dataset(config))
+    one_device = bench._flops(run.train_step.lower(jax.eval_shape(run.init, jax.random.key(0)), run.teacher_vars,
+                                                   run.train_batch(0)))
+    assert r["devices"] == 8
+    np.testing.assert_allclose(r["flops_per_step"], one_device, rtol=0.01)
 
 
 def test_flops_of_a_program_its_backend_does_not_analyse_come_from_the_cpu_client():
@@ -41,19 +48,6 @@ def test_flops_of_a_program_its_backend_does_not_analyse_come_from_the_cpu_clien
     flops = bench._flops(Unanalysed())
     assert flops == bench._flops(lowered)
     assert matmul + conv / 2 < flops <= matmul + conv       # XLA leaves out the taps on SAME padding
-
-
-def test_flops_per_step_are_the_whole_steps_on_any_device_count():
-    # The lowered program is the whole step (SPMD partitioning into per-device programs comes later): the bench on
-    # 8 devices reports what one device's lowering counts.
-    config = bench.bench_config(tiny_config("rsd"), batch=16)
-    run = train.build_run(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)),
-                          dataset=bench.synthetic_dataset(config))
-    one_device = bench._flops(run.train_step.lower(jax.eval_shape(run.init, jax.random.key(0)), run.teacher_vars,
-                                                   run.train_batch(0)))
-    r = bench.run_bench(config, steps=1)
-    assert r["devices"] == 8 and one_device > 1e6
-    np.testing.assert_allclose(r["flops_per_step"], one_device, rtol=0.01)
 
 
 def test_profile_summary_ranks_device_kernels_per_step_and_attributes_scopes():
@@ -116,16 +110,12 @@ def test_bfloat16_step_agrees_with_float32():
         assert np.linalg.norm(b - a) < 0.1 * np.linalg.norm(a)
     np.testing.assert_allclose(flat(s16.params), flat(s32.params), atol=1e-4)
 
+
 def _smoke_models():
-    """Every (model, overrides) of the bundled pairs' smoke configs: each family, each with its real structure."""
-    seen = {}
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "[a-z]*_*.py"))):
-        config = bench.load_config(path + ":smoke")
-        for section in (config.student, config.teacher):
-            seen.setdefault(f"{section.model}{train._overrides(section)}", (section.model, train._overrides(section)))
-    # The smoke Swins have one (unshifted) block per stage; this one also has a shifted-window block.
-    shifted = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4))
-    return list(seen.values()) + [("swin_tiny_patch4_window7_224", shifted)]
+    """The smoke-size member of every bundled family, and a Swin with a shifted-window block (the smoke Swins have
+    one unshifted block per stage)."""
+    shifted = dict(SMOKE_OVERRIDES["swin_tiny_patch4_window7_224"], depths=(2, 1, 1, 1))
+    return list(SMOKE_OVERRIDES.items()) + [("swin_tiny_patch4_window7_224", shifted)]
 
 
 def _float32_products(lowered):
