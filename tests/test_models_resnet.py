@@ -97,3 +97,44 @@ def test_drop_path_and_dropout_only_when_enabled():
     np.testing.assert_array_equal(run(plain, 1), run(plain, 2))
     assert not np.allclose(run(dropped, 1), run(dropped, 2))
     np.testing.assert_array_equal(run(dropped, 1, train=False), run(plain, 1, train=False))
+
+
+@pytest.mark.parametrize("size", [9, 10, 32])
+def test_max_pool_matches_torch_forward_and_backward(size):
+    """layers.max_pool (strided slices, no select-and-scatter) against torch's MaxPool2d(3, 2, 1), odd and even sizes."""
+    from rsd_jax.models import layers
+    rng = np.random.RandomState(size)
+    x = rng.randn(2, 5, size, size).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_()
+    want = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
+    g = rng.randn(*want.shape).astype(np.float32)
+    want.backward(torch.from_numpy(g))
+    got, vjp = jax.vjp(lambda x: layers.max_pool(x, 3, 2, (1, 1)), jnp.asarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_array_equal(np.asarray(got), want.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g.transpose(0, 2, 3, 1)))[0]),
+                               xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_train_mode_gradients_match_torch():
+    """Every parameter's gradient of a train-mode step against torch autograd through timm (stem max pool and its
+    ReLU ties, BatchNorm with batch statistics, residuals, the head)."""
+    from convert import core
+    tm = timm_resnet("resnet18", 4, num_classes=10, channels=(16, 32, 64, 128), layers=(1, 1, 1, 1))
+    fm, variables = port(tm, "resnet18", 10, **TINY)
+    variables = jax.tree_util.tree_map(np.array, variables)
+    rng = np.random.RandomState(4)
+    x, w = rng.randn(4, 3, 32, 32).astype(np.float32), rng.randn(4, 10).astype(np.float32)
+    tm.train()
+    (tm(torch.from_numpy(x)) * torch.from_numpy(w)).sum().backward()
+
+    def loss(params):
+        (logits, _), _ = fm.apply({**variables, "params": params}, x.transpose(0, 2, 3, 1), train=True,
+                                  mutable=["batch_stats"])
+        return jnp.sum(logits * w)
+
+    grads = jax.grad(loss)(variables["params"])
+    got = core.variables_to_state_dict({"params": grads}, core.family_table(models.family_of("resnet18")))
+    want = {k: p.grad.numpy() for k, p in tm.named_parameters()}
+    assert set(got) == set(want)
+    errs = {k: max_rel_err(got[k], want[k]) for k in want}
+    assert max(errs.values()) < 1e-4, sorted(errs.items(), key=lambda kv: -kv[1])[:3]

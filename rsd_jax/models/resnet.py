@@ -77,7 +77,7 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet block must be one of {sorted(EXPANSION)}, got {self.block!r}")
         stem = self.stem_width
         x = nn.relu(layers.batch_norm(train, name="bn1")(conv(stem, 7, 2, "conv1")(x)))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))   # pads with -inf, like torch
+        x = layers.max_pool(x, 3, 2, (1, 1))
 
         features = {}
         total, index, channels = sum(self.layers), 0, stem
