@@ -4,6 +4,7 @@ One linear function in banner sections. The student and the method's extra modul
 variables are a separate argument of the step that is never differentiated, updated or checkpointed.
 """
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -442,12 +443,11 @@ def train_and_evaluate(config, workdir):
     try:
         for step in range(start_step, total_steps):
             state, metrics = train_step(state, run.teacher_vars, run.train_batch(step))
-            if not config.get("skip_nonfinite_steps"):
-                first_bad = _first_nonfinite(first_bad, metrics, step)
+            first_bad, epoch_sums = _bookkeeping(first_bad, epoch_sums, metrics, step,
+                                                 watch_nonfinite=not config.get("skip_nonfinite_steps"))
             if sync_each_step:
                 jax.block_until_ready(state)
                 check_finite()
-            epoch_sums = metrics if not epoch_sums else jax.tree_util.tree_map(jnp.add, epoch_sums, metrics)
             epoch_count += 1
             seen += batch_size
             at_log = (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps
@@ -530,13 +530,18 @@ def guard_nonfinite(train_step, abstract_state):
     return jax.jit(step, out_shardings=(shardings, None), donate_argnums=(0,))
 
 
-def _first_nonfinite(first_bad, metrics, step):
-    """Device-side bookkeeping of the first step with a non-finite metric: no host sync."""
-    finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
-    current = dict(metrics, found=~finite, step=jnp.asarray(step))
-    if first_bad is None:
-        return current
-    return jax.tree_util.tree_map(lambda old, new: jnp.where(first_bad["found"], old, new), first_bad, current)
+@functools.partial(jax.jit, static_argnames="watch_nonfinite")
+def _bookkeeping(first_bad, sums, metrics, step, watch_nonfinite):
+    """The loop's per-step bookkeeping on the device, in one dispatch and no host sync (done eagerly it was ~50
+    small dispatches, 0.44 ms of host time per step on CPU): the epoch's running sums of the metrics, and, when
+    watching, the metrics and step of the first step with a non-finite metric."""
+    sums = metrics if not sums else jax.tree_util.tree_map(jnp.add, sums, metrics)
+    if watch_nonfinite:
+        finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+        current = dict(metrics, found=~finite, step=jnp.asarray(step, jnp.int32))
+        first_bad = current if first_bad is None else jax.tree_util.tree_map(
+            lambda old, new: jnp.where(first_bad["found"], old, new), first_bad, current)
+    return first_bad, sums
 
 
 class _StopSignals:

@@ -13,6 +13,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -306,3 +307,17 @@ def test_two_processes_match_one(config_file, tmp_path):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
     lines = open(tmp_path / "two" / "metrics.jsonl").read().splitlines()
     assert len(lines) == 1
+
+
+def test_loop_bookkeeping_sums_the_metrics_and_keeps_the_first_nonfinite_step():
+    first_bad, sums = None, {}
+    losses = [1.0, 2.0, float("nan"), 4.0, float("inf")]
+    for step, loss in enumerate(losses, start=10):
+        metrics = {"loss": jnp.float32(loss), "lr": jnp.float32(0.5), "skipped": jnp.int32(step % 2)}
+        first_bad, sums = train._bookkeeping(first_bad, sums, metrics, step, watch_nonfinite=True)
+        if step == 11:
+            assert not bool(first_bad["found"]) and float(sums["loss"]) == 3.0
+    assert bool(first_bad["found"]) and int(first_bad["step"]) == 12 and np.isnan(float(first_bad["loss"]))
+    assert float(sums["lr"]) == 2.5 and int(sums["skipped"]) == 2
+    unwatched, _ = train._bookkeeping(None, {}, metrics, 0, watch_nonfinite=False)
+    assert unwatched is None

@@ -4,6 +4,7 @@ batches the uninterrupted run would have seen. Augmentation runs on the device, 
 (`rsd_jax.data.augment`).
 """
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -44,9 +45,13 @@ def load(config):
     raise UserError(f"unknown dataset {config.name!r}; known: digits, cifar100, imagenet2012")
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_order(num_examples, seed, epoch):
-    """The permutation of the training set used in `epoch`."""
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+    """The permutation of the training set used in `epoch` (read-only). Cached: drawing it for CIFAR's 50,000
+    images took 0.57 ms, most of the host's work on a batch."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    order.setflags(write=False)
+    return order
 
 
 def process_rows(global_batch, process_index, process_count):
