@@ -75,8 +75,9 @@ def imagenet_stronger(c):
     """configs/imagenet/stronger.yaml: LAMB lr 5e-3, wd 0.02, cosine to 1e-6, warmup 5 from 1e-6, 300 epochs, 256
     per GPU, rand-m7-mstd0.5, mixup 0.1 / cutmix 1.0, drop_path 0.05, EMA 0.9998, eval crop_pct 0.95. Not
     reproduced: its BCE loss (here: soft-target CE without smoothing) and repeated augmentation (aug_repeats 3)."""
+    # timm's Lamb defaults (the yaml sets neither): eps 1e-6, and the global gradient norm clipped at 1.
     c.optim.update(dict(name="lamb", lr=5e-3, weight_decay=0.02, schedule="cosine", epochs=300, warmup_epochs=5,
-                        warmup_lr=1e-6, min_lr=1e-6, clip_grad=0.0))
+                        warmup_lr=1e-6, min_lr=1e-6, clip_grad=1.0, eps=1e-6))
     c.distill.label_smoothing = 0.0
     c.distill.group_size = 256
     c.data.augment.update(dict(rand_augment="rand-m7-mstd0.5", mixup=0.1, cutmix=1.0, random_erasing=0.0,

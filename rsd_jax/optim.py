@@ -1,7 +1,8 @@
 """Optimizers and LR schedules with the reference's semantics (RSD_SPEC §4.3, §4.4).
 
 * `sgd` is SGD with Nesterov momentum and L2 weight decay added to the gradient (torch.optim.SGD), `adamw` is
-  decoupled AdamW (torch.optim.AdamW), `lamb` is LAMB (the reference's imagenet/stronger.yaml). Gradients are clipped by global norm before either, as timm does.
+  decoupled AdamW (torch.optim.AdamW), `lamb` is timm's Lamb (the reference's imagenet/stronger.yaml).
+  Gradients are clipped by global norm before any of them, as timm does.
 * Weight decay applies to parameters with more than one dimension, and to nothing else: the reference builds its
   optimizer on the distiller, which has no `no_weight_decay()`, so cls_token, pos_embed and Swin's relative position
   tables are decayed, while biases, norms and layer scales are not.
@@ -52,10 +53,15 @@ def create(config, steps_per_epoch):
         parts += [optax.adamw(lr, b1=config.betas[0], b2=config.betas[1], eps=config.eps,
                               weight_decay=config.weight_decay, mask=decay_mask)]
     elif config.name == "lamb":
-        # optax's LAMB (layer-wise trust ratio over Adam with decoupled decay); timm's Lamb also clips the global
-        # gradient norm at 1 inside the optimizer, which `clip_grad` expresses here.
-        parts += [optax.lamb(lr, b1=config.betas[0], b2=config.betas[1], eps=config.eps,
-                             weight_decay=config.weight_decay, mask=decay_mask)]
+        # timm's Lamb, the reference's: Adam moments, decoupled decay, then the layer-wise trust ratio
+        # ||p|| / ||update||, which timm applies only where the weight decay is not 0 (optax's lamb applies it to
+        # every parameter). timm's built-in clip of the global gradient norm at 1 is `clip_grad` here.
+        adapt = (lambda params: jax.tree_util.tree_map(lambda _: False, params)) if not config.weight_decay \
+            else decay_mask
+        parts += [optax.scale_by_adam(b1=config.betas[0], b2=config.betas[1], eps=config.eps),
+                  optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+                  optax.masked(optax.scale_by_trust_ratio(), adapt),
+                  optax.scale_by_learning_rate(lr)]
     else:
         raise UserError(f"unknown optimizer {config.name!r}; known: sgd (Nesterov), momentum, adamw, lamb")
     return optax.chain(*parts)
