@@ -247,6 +247,50 @@ def test_ofa_token_branch_merges_to_seven_and_keeps_cls():
     np.testing.assert_allclose(merge.apply(v, -x), -merge.apply(v, x), atol=1e-5)
 
 
+def test_ofa_token_block_is_timms_bare_block():
+    """The reference builds its token branches from timm 0.6.5's Block(dim, num_heads=4): no qkv bias, torch's
+    LayerNorm (eps 1e-5; timm 1.x's Block defaults to its own LayerNorm, eps 1e-6). Same weights, same output; and
+    the same parameter count."""
+    from timm.models.vision_transformer import Block as TimmBlock
+    dim = 16
+    torch.manual_seed(0)
+    tb = TimmBlock(dim, num_heads=4, norm_layer=torch.nn.LayerNorm).eval()
+    for norm in (tb.norm1, tb.norm2):      # non-trivial norms, so that their eps and affine are exercised
+        norm.weight.data.uniform_(0.5, 1.5), norm.bias.data.normal_(0, 0.1)
+    x = np.random.default_rng(0).normal(size=(2, 5, dim)).astype(np.float32) * 3e-3   # small: eps matters
+    block = ofa.TokenBranch(stage=1, dim=dim, num_classes=3)
+    tokens = jnp.zeros((2, 1 + 7 * 7, dim))
+    ours = jax.eval_shape(lambda: block.init(jax.random.key(0), tokens, train=False))["params"]["blocks_0"]
+    want_count = sum(p.numel() for p in tb.parameters())
+    assert sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(ours)) == want_count
+
+    t = {k: v.detach().numpy() for k, v in tb.state_dict().items()}
+    params = {"norm1": {"scale": t["norm1.weight"], "bias": t["norm1.bias"]},
+              "norm2": {"scale": t["norm2.weight"], "bias": t["norm2.bias"]},
+              "attn": {"qkv": {"kernel": t["attn.qkv.weight"].T},
+                       "proj": {"kernel": t["attn.proj.weight"].T, "bias": t["attn.proj.bias"]}},
+              "mlp": {"fc1": {"kernel": t["mlp.fc1.weight"].T, "bias": t["mlp.fc1.bias"]},
+                      "fc2": {"kernel": t["mlp.fc2.weight"].T, "bias": t["mlp.fc2.bias"]}}}
+    module = ofa.Block(num_heads=4, mlp_hidden=4 * dim, qkv_bias=False, norm_eps=1e-5)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        jax.tree_util.tree_map(np.asarray, ours))
+    got = module.apply({"params": params}, jnp.asarray(x), train=False)
+    with torch.no_grad():
+        want = tb(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_branch_conv_biases_keep_torchs_default_init():
+    """init_weights sets conv kernels only: biases stay U(+-1/sqrt(fan_in)), not zero (OFA stage 4, FitNet)."""
+    x = jnp.zeros((2, 7, 7, 64))
+    v = ofa.CNNBranch(4, 256, 10).init(jax.random.key(0), x, train=False)["params"]["conv"]["bias"]
+    bound = 64 ** -0.5
+    assert v.shape == (256,) and float(jnp.max(jnp.abs(v))) <= bound and float(jnp.std(v)) > 0.4 * bound
+    aligner = fitnet.Aligner().init(jax.random.key(0), jnp.zeros((2, 14, 14, 32)), jnp.zeros((2, 49, 48)))
+    b = aligner["params"]["proj"]["bias"]
+    assert float(jnp.max(jnp.abs(b))) <= (32 * 2 * 2) ** -0.5 and float(jnp.std(b)) > 0
+
+
 def test_space_to_depth_is_the_reference_patch_merge():
     x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
     t = torch.tensor(x).reshape(2, 2, 2, 2, 2, 3).permute(0, 1, 3, 2, 4, 5).reshape(2, 2, 2, 12)

@@ -9,7 +9,8 @@ prefix tokens (L - floor(sqrt L)^2, in front) as a (B, g, g, C) grid. With stude
 * h_s < h_t, r = h_t / h_s: the student goes to r^2 C_t (1x1 conv or Linear) and is compared with the teacher
   merged r x r. The reference unpatchifies the student instead for token students; the MSE is the same (a mean
   over the same elements in another order).
-Init: conv kaiming normal (fan_out), Linear trunc_normal(0.02), zero biases (the reference's init_weights).
+Init as the reference's init_weights: conv kaiming normal (fan_out) with torch's default bias, Linear
+trunc_normal(0.02) with a zero bias.
 
 Differences from the reference: the hard-coded x0.1 of the RSD code base is the visible `scale` (default 0.1, so
 the default loss is the reference's); prefix tokens are found from the token count (the reference's `num_tokens`
@@ -20,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from rsd_jax.distillers.ofa import Conv, Dense, space_to_depth, split_prefix
+from rsd_jax.distillers.ofa import BiasedConv, Dense, space_to_depth, split_prefix
 
 
 def default_config():
@@ -46,8 +47,8 @@ class Aligner(nn.Module):
         cnn_student = student.ndim == 4
         s, t = as_grid(student), as_grid(teacher)
         hs, ht, ct = s.shape[1], t.shape[1], t.shape[-1]
-        project = (lambda n, k=1: Conv(n, (k, k), strides=k, padding="VALID", name="proj")) if cnn_student else \
-            (lambda n, k=1: Dense(n, name="proj"))
+        project = (lambda n, k=1: BiasedConv(n, (k, k), s.shape[-1], strides=k, padding="VALID", name="proj")) \
+            if cnn_student else (lambda n, k=1: Dense(n, name="proj"))
         if hs == ht:
             return project(ct)(s), t
         if hs > ht:
@@ -58,7 +59,7 @@ class Aligner(nn.Module):
                 return project(ct, r)(s), t
             merged = space_to_depth(s, r)
             if teacher.ndim == 4:
-                return Conv(ct, (1, 1), name="proj")(merged), t
+                return BiasedConv(ct, (1, 1), merged.shape[-1], name="proj")(merged), t
             return project(ct)(merged), t
         if ht % hs:
             raise ValueError(f"FitNet: teacher grid {ht} is not a multiple of student grid {hs}")

@@ -13,12 +13,12 @@ Branches, on the stage shape found at call time:
   times for a g x g grid; then max(4 - s, 1) ViT blocks (d_s, 4 heads); the first token if there are prefix tokens,
   else the token mean; a Linear head.
 Init as the reference's init_weights: Linear trunc_normal(0.02) and zero bias, conv kaiming normal (fan_out, ReLU)
-and zero bias, norms at ones/zeros.
+with torch's default bias (init_weights leaves conv biases alone), norms at ones/zeros. The ViT blocks are timm's
+bare Block: no qkv bias, LayerNorm eps 1e-5.
 
 Differences from the reference (spec §7): log_softmax instead of log(softmax), which can underflow to -inf; the
 prefix-token count is read from the token count (the reference reads a `num_tokens` attribute that timm 0.6.5 ViTs
-lack, so it fails for DeiT students, §7.5); the ViT blocks use the ViT LayerNorm eps 1e-6 (timm's Block default
-is 1e-5).
+lack, so it fails for DeiT students, §7.5).
 """
 import functools
 import math
@@ -37,6 +37,13 @@ from rsd_jax.models.vit import Block
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 Conv = functools.partial(nn.Conv, kernel_init=kaiming_fan_out, bias_init=nn.initializers.zeros)
 Dense = functools.partial(nn.Dense, kernel_init=layers.trunc_normal_02, bias_init=nn.initializers.zeros)
+
+
+def BiasedConv(features, kernel, in_channels, **kwargs):
+    """A conv with a bias: the reference's init_weights sets only conv kernels, so the bias keeps torch's default
+    U(+-1/sqrt(fan_in))."""
+    fan_in = in_channels * kernel[0] * kernel[1]
+    return Conv(features, kernel, bias_init=layers.torch_default_init(fan_in), **kwargs)
 
 
 def default_config():
@@ -107,7 +114,7 @@ class CNNBranch(nn.Module):
                 x = SepConv(self.width if i == n - 1 else 2 * c, name=f"sepconv{i}")(x, train)
                 c *= 2
         else:
-            x = Conv(self.width, (1, 1), name="conv")(x)
+            x = BiasedConv(self.width, (1, 1), x.shape[-1], name="conv")(x)
         return Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
@@ -129,7 +136,9 @@ class TokenBranch(nn.Module):
             raise ValueError(f"OFA stage {self.stage}: token width {tokens.shape[-1]} after {merges} merges is not "
                              f"the student's pre-logit width {self.dim}")
         for i in range(max(4 - self.stage, 1)):
-            tokens = Block(num_heads=4, mlp_hidden=4 * self.dim, name=f"blocks_{i}")(tokens, train)
+            # timm's Block(dim, num_heads=4) as the reference builds it: no qkv bias, LayerNorm eps 1e-5.
+            tokens = Block(num_heads=4, mlp_hidden=4 * self.dim, qkv_bias=False, norm_eps=1e-5,
+                           name=f"blocks_{i}")(tokens, train)
         feature = tokens[:, 0] if prefix.shape[1] else jnp.mean(tokens, axis=1)
         return Dense(self.num_classes, name="head")(feature)
 

@@ -96,13 +96,15 @@ class Block(nn.Module):
     attn_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
     drop_path: float = 0.0
+    norm_eps: float = 1e-6          # timm's ViT; a bare timm Block (OFA's branches) has torch's 1e-5
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = Attention(self.num_heads, self.qkv_bias, self.attn_drop_rate, self.proj_drop_rate, name="attn")(
-            LayerNorm("norm1")(x), train)
+            layers.LayerNorm(self.norm_eps, name="norm1")(x), train)
         x = x + layers.DropPath(self.drop_path)(y, train)
-        y = Mlp(self.mlp_hidden, self.proj_drop_rate, name="mlp")(LayerNorm("norm2")(x), train)
+        y = Mlp(self.mlp_hidden, self.proj_drop_rate, name="mlp")(layers.LayerNorm(self.norm_eps, name="norm2")(x),
+                                                                   train)
         return x + layers.DropPath(self.drop_path)(y, train)
 
 
