@@ -115,6 +115,9 @@ def cifar_pair(teacher, student, arg=None):
     c.teacher.model = teacher
     c.teacher.path = ""      # a converted teacher: python -m convert.from_torch <teacher>_cifar100.pth --out DIR
     (cifar_cnn if student in CIFAR_CNN_STUDENTS else cifar_vit_mlp)(c)
+    # The reference's train.py sets the interpolation to bilinear for CIFAR-100 (with its mean and std), and its
+    # eval loader uses it; crop_pct stays the student's. Training still draws bilinear or bicubic at random.
+    c.data.augment.eval_interpolation = "bilinear"
     c.log_every_steps = 50
     if arg == "smoke":
         smoke(c)

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import Mesh
 
 from rsd_jax import models, train
+from rsd_jax.data import augment
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "[a-z]*_*.py")))
 
@@ -31,6 +32,9 @@ def test_twelve_pairs_with_reference_settings():
         cnn = c.student.model in ("resnet18", "mobilenetv2_100")
         assert c.optim.name == ("sgd" if cnn else "adamw")
         assert (c.data.augment.mixup, c.data.augment.cutmix) == ((0.0, 0.0) if cnn else (0.8, 1.0))
+        # eval: the student's crop_pct, resized bilinear (the reference's CIFAR data_config), not its default
+        assert augment.eval_config(c.data.augment, c.student.model) == \
+            (augment.EVAL_CONFIGS[c.student.model][0], "bilinear")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p)[:-3] for p in CONFIGS])
