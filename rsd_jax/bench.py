@@ -11,6 +11,7 @@ where the backend reports it, and MFU against the chip's dense bf16 peak where i
 (bench/torch_bench.py, the reference's step) alternately in fresh processes and prints the ratio.
 """
 import argparse
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -27,13 +28,31 @@ _SOURCES = {"cifar100": (100, 32), "digits": (10, None), "imagenet2012": (1000, 
 
 
 def load_config(spec):
-    """`FILE.py[:arg]` -> the file's get_config(arg)."""
+    """`FILE.py[:arg]` -> the file's get_config(arg); a missing file or one that fails is a UserError."""
+    from rsd_jax.cli import _one_line
+    from rsd_jax.errors import UserError
     path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found")
+    loader = importlib.machinery.SourceFileLoader("bench_config", path)   # whatever the file's extension
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bench_config", loader))
     sys.path.insert(0, os.getcwd())
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    try:
+        loader.exec_module(module)
+        return module.get_config(arg or None)
+    except Exception as e:  # the config file's own errors, e.g. an unknown argument, are the user's
+        raise UserError(f"--config {spec}: {_one_line(e)}") from None
+
+
+def check_args(args):
+    """Counts in range before anything is built: 0 or less would divide by zero or time nothing."""
+    from rsd_jax.errors import UserError
+    for flag in ("batch", "steps", "repeats"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be positive")
+    if args.profile < 0:
+        raise UserError("--profile must not be negative")
 
 
 def bench_config(config, batch=None, dtype="float32"):
@@ -287,7 +306,7 @@ def format_result(r):
 def compare_torch(args):
     """JAX and torch benches alternately in fresh processes; the ratio of their median images/s."""
     common = ["--config", args.config, "--steps", str(args.steps), "--json"] + \
-        (["--batch", str(args.batch)] if args.batch else [])
+        (["--batch", str(args.batch)] if args.batch is not None else [])
     jax_cmd = [sys.executable, "-m", "rsd_jax.bench", "--dtype", args.dtype] + common
     torch_cmd = [sys.executable, "-m", "bench.torch_bench"] + common + (["--amp"] if args.dtype == "bfloat16" else [])
     results = {"jax": [], "torch": []}
@@ -314,7 +333,7 @@ def compare_torch(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="configs/FILE.py[:arg]")
-    parser.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
+    parser.add_argument("--batch", type=int, help="global batch (default: the config's)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", action="store_true", help="one machine-readable line")
@@ -325,10 +344,11 @@ def main(argv=None):
     parser.add_argument("--compare-torch", action="store_true", help="alternate with bench.torch_bench")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each with --compare-torch")
     args = parser.parse_args(argv)
-    if args.compare_torch:
-        return compare_torch(args)
     from rsd_jax.errors import UserError
     try:   # no persistent compilation cache here (unless the environment sets one): compile_s is a real compile
+        check_args(args)
+        if args.compare_torch:
+            return compare_torch(args)
         config = bench_config(load_config(args.config), args.batch, args.dtype)
         result = run_bench(config, steps=args.steps, profile=args.profile)
         if args.breakdown:

@@ -2,6 +2,7 @@
 step that compiles once and donates its state."""
 import json
 import logging
+import os
 import re
 
 import jax
@@ -13,6 +14,8 @@ import pytest
 from configs.presets import SMOKE_OVERRIDES
 from rsd_jax import bench, models, train
 from tiny import tiny_config
+
+PAIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "swin_resnet18.py")
 
 
 def test_bench_runs_at_smoke_size_and_reports_its_fields():
@@ -33,6 +36,24 @@ def test_bench_runs_at_smoke_size_and_reports_its_fields():
                                                    run.train_batch(0)))
     assert r["devices"] == 8
     np.testing.assert_allclose(r["flops_per_step"], one_device, rtol=0.01)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "configs/nope.py"], "config file configs/nope.py not found"),
+    (["--config", f"{PAIR}:bogus"], "unknown config argument 'bogus'"),
+    (["--config", f"{PAIR}:smoke", "--batch", "-4"], "--batch must be positive"),
+    (["--config", f"{PAIR}:smoke", "--batch", "0"], "--batch must be positive"),
+    (["--config", f"{PAIR}:smoke", "--steps", "0"], "--steps must be positive"),
+    (["--config", f"{PAIR}:smoke", "--steps", "-1"], "--steps must be positive"),
+    (["--config", f"{PAIR}:smoke", "--profile", "-1"], "--profile must not be negative"),
+    (["--config", f"{PAIR}:smoke", "--compare-torch", "--repeats", "0"],
+     "--repeats must be positive"),
+])
+def test_bad_command_line_is_one_line_and_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench.main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and err.startswith("error: ") and "\n" not in err and message in err, err
 
 
 def test_flops_of_a_program_its_backend_does_not_analyse_come_from_the_cpu_client():
