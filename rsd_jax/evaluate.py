@@ -13,7 +13,7 @@ import jax
 import ml_collections
 from absl import flags
 
-from rsd_jax import checkpoint, cli, data, sharding, train
+from rsd_jax import checkpoint, cli, data, models, sharding, train
 from rsd_jax.data import augment
 from rsd_jax.errors import UserError
 
@@ -30,8 +30,14 @@ def evaluate_workdir(workdir, which="latest"):
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise UserError(f"{workdir} is not a training run directory (no config.json)")
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_path} is unreadable: {e}") from None
+    config = ml_collections.ConfigDict(config)
     ckpts = checkpoint.RunCheckpoints(workdir)
     state = ckpts.restore_raw(which)
     ckpts.close()
@@ -39,6 +45,10 @@ def evaluate_workdir(workdir, which="latest"):
         raise UserError(f"{workdir} has no {which} checkpoint yet")
     dataset = data.load(config.data)
     student = train.build_student(config, dataset.num_classes)
+    # A stale config.json (another model than the run trained) would otherwise fail inside the jitted step.
+    checkpoint.check_tree_shapes(models.init_shapes(student),
+                                 dict(state["model_state"]["student"], params=state["params"]["student"]),
+                                 f"the {which} checkpoint of {workdir} (vs the student in its config.json)")
     mesh = sharding.make_mesh()
     eval_step = train.make_eval_step(student, train.eval_transform_for(config, dataset))
     params = jax.device_put(state["params"]["student"], sharding.replicated(mesh))
@@ -50,7 +60,6 @@ def evaluate_workdir(workdir, which="latest"):
 def evaluate_model(model_dir, dataset="cifar100", data_dir="", batch_size=128):
     """top1/top5/loss of a model directory on a dataset's test split, with the eval transform for that model."""
     from rsd_jax import config as base
-    from rsd_jax import models
     data_config = base.base_config().data
     data_config.update(dict(name=dataset, data_dir=data_dir, eval_batch_size=batch_size))
     dataset = data.load(data_config)     # before the model: a missing dataset fails fast
@@ -76,6 +85,8 @@ def run(argv):
     if bool(f.workdir) == bool(f.model):
         raise UserError("usage: python -m rsd_jax.evaluate --workdir DIR [--which latest|best] [--json]  or  "
                         "--model DIR --dataset cifar100 --data-dir DATA [--batch-size N] [--json]")
+    if f["batch-size"].value < 1:
+        raise UserError("--batch-size must be positive")
     if f.model:
         result = evaluate_model(f.model, f.dataset, f["data-dir"].value, f["batch-size"].value)
     else:

@@ -1,0 +1,62 @@
+"""`python -m rsd_jax.evaluate` on bad input: one `error:` line and exit status 2, never a traceback."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.sharding import Mesh
+import numpy as np
+
+from rsd_jax import checkpoint, train
+from tiny import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def evaluate(*args):
+    return subprocess.run([sys.executable, "-m", "rsd_jax.evaluate", *map(str, args)], cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(out, message):
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+    assert message in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A run directory: the tiny config's config.json and a checkpoint of its initial state."""
+    d = tmp_path_factory.mktemp("run")
+    config = tiny_config("vanilla")
+    run = train.build_run(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    ckpts = checkpoint.RunCheckpoints(d)
+    ckpts.save(run.init(jax.random.key(0)))
+    ckpts.close()
+    (d / "config.json").write_text(config.to_json_best_effort())
+    return d
+
+
+@pytest.mark.parametrize("batch", [0, -8])
+def test_model_batch_size_must_be_positive(batch, tmp_path):
+    assert_one_line_error(evaluate("--model", tmp_path, "--dataset", "digits", "--batch-size", batch),
+                          "--batch-size must be positive")
+
+
+@pytest.mark.parametrize("text", ["{bad", "[1, 2]"])
+def test_unreadable_config_json(text, tmp_path):
+    (tmp_path / "config.json").write_text(text)
+    assert_one_line_error(evaluate("--workdir", tmp_path), f"{tmp_path / 'config.json'} is unreadable")
+
+
+def test_checkpoint_that_does_not_fit_the_config_json(workdir, tmp_path):
+    os.symlink(workdir / "checkpoints", tmp_path / "checkpoints")
+    config = json.loads((workdir / "config.json").read_text())
+    config["student"]["overrides"]["widths"] = [8, 8, 8, 16]      # conv1 and layer1 twice as wide as trained
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(evaluate("--workdir", tmp_path), "does not fit: shape mismatch (checkpoint vs model): ")
+    assert evaluate("--workdir", workdir).returncode == 0      # the same checkpoint with its own config
