@@ -1,5 +1,41 @@
 """torch/timm <-> Flax conversion. Imports torch only in the CLIs and the parity check; core.py is numpy."""
+import contextlib
+import os
+import signal
 import sys
+import tempfile
+
+
+def check_out(out):
+    """Refuse an --out that exists or cannot be created, before anything is loaded or converted."""
+    from rsd_jax.errors import UserError
+    if os.path.lexists(out):
+        raise UserError(f"{out} already exists; choose another --out or remove it")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(parent):   # the writes create missing parents, so the nearest existing one decides
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--out {out}: {parent} is not a directory")
+    try:   # a real write: os.access says yes to root even on /proc
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def signals_exit():
+    """SIGTERM and SIGINT raise SystemExit (status 128 + signal), so the writes' cleanup removes their temporary;
+    the default SIGTERM handler ends the process without running any."""
+    def stop(signum, frame):
+        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run_cli(parser, run, argv=None):
@@ -9,7 +45,8 @@ def run_cli(parser, run, argv=None):
     from rsd_jax.errors import UserError
     args = parser().parse_args(argv)
     try:
-        run(args)
+        with signals_exit():
+            run(args)
     except (UserError, core.ConversionError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

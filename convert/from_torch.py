@@ -23,7 +23,7 @@ import zipfile
 
 import numpy as np
 
-from convert import core, run_cli
+from convert import check_out, core, run_cli
 from rsd_jax import models
 from rsd_jax.errors import UserError
 
@@ -308,9 +308,8 @@ def parser():
 
 def run(args):
     start = time.perf_counter()
+    check_out(args.out)
     out = os.path.abspath(args.out)
-    if os.path.exists(out):
-        raise ConvertError(f"{args.out} already exists; choose another --out or remove it")
     explicit = parse_overrides(args.override)
     obj = load_checkpoint(args.checkpoint)
     state_dict, found_in = extract_state_dict(obj, args.use_ema)

@@ -13,7 +13,7 @@ import tempfile
 
 import numpy as np
 
-from convert import core, run_cli, verify
+from convert import check_out, core, run_cli, verify
 from rsd_jax import checkpoint, models
 from rsd_jax.errors import UserError
 
@@ -68,8 +68,7 @@ def _call(name, num_classes, kwargs):
 
 
 def run(args):
-    if os.path.exists(args.out):
-        raise ExportError(f"{args.out} already exists; choose another --out or remove it")
+    check_out(args.out)
     directory = model_directory(args.dir)
     state_dict, meta, kwargs, variables = export(directory)
     name, num_classes, overrides = meta["model"], meta["num_classes"], meta.get("overrides") or {}

@@ -1,6 +1,7 @@
 """convert.from_torch / convert.to_torch: every wrapper and layout, parity with timm, round trips, bad input."""
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -349,6 +350,52 @@ def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, capsys):
     (d / "taken").mkdir()
     assert cli(from_torch, d / "good.pth", "--out", d / "taken") == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", [from_torch, to_torch])
+@pytest.mark.parametrize("out,message", [("file/x", "file is not a directory"), ("/proc/x", "cannot write in /proc")])
+def test_unwritable_out_is_refused_before_loading(module, out, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    # The source does not exist either: the --out error comes first, before anything is loaded.
+    assert cli(module, tmp_path / "absent", "--out", tmp_path / out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out ") and "\n" not in err and message in err, err
+
+
+# The write is interrupted from inside: after orbax's save (from_torch) or torch.save (to_torch) has filled the
+# temporary, the process signals itself.
+INTERRUPTED_WRITE = """
+import os, signal, sys
+import orbax.checkpoint, torch
+from convert import {module}
+owner, name = {target}
+write = getattr(owner, name)
+def interrupted(*args, **kwargs):
+    write(*args, **kwargs)
+    os.kill(os.getpid(), signal.{signal})
+setattr(owner, name, interrupted)
+sys.exit({module}.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("module,target,sig", [
+    ("from_torch", "orbax.checkpoint.StandardCheckpointer, 'save'", signal.SIGTERM),
+    ("from_torch", "orbax.checkpoint.StandardCheckpointer, 'save'", signal.SIGINT),
+    ("to_torch", "torch, 'save'", signal.SIGTERM)])
+def test_signal_during_the_write_leaves_no_temporary(module, target, sig, tiny_checkpoint, tmp_path):
+    d, _ = tiny_checkpoint
+    source = d / "good.pth"
+    if module == "to_torch":
+        source = tmp_path / "model"
+        assert cli(from_torch, d / "good.pth", "--out", source) == 0
+    out = tmp_path / "out" / "converted"
+    code = INTERRUPTED_WRITE.format(module=module, target=target, signal=sig.name)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code, str(source), "--out", str(out)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 128 + sig, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"interrupted by {sig.name}", proc.stderr[-3000:]
+    assert os.listdir(out.parent) == [], os.listdir(out.parent)     # neither the output nor its temporary
 
 
 def test_command_line_entry_point_and_no_torch_in_library(tiny_checkpoint, tmp_path):
