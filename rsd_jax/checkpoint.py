@@ -142,9 +142,10 @@ class RunCheckpoints:
         self._latest.wait_until_finished()
         self._best.wait_until_finished()
 
-    def _restore_newest_usable(self, which, args, repair):
+    def _restore_newest_usable(self, which, args, repair, abstract_state=None):
         """The newest readable checkpoint of `which` as (step, tree); with `repair`, damaged ones are moved aside
-        (so that the run's next saves are listed as the newest)."""
+        (so that the run's next saves are listed as the newest). A readable checkpoint of another shape than
+        `abstract_state` is an error, never moved aside: it belongs to another config."""
         manager = self._manager(which)
         if which == "latest":
             steps = sorted(manager.all_steps(), reverse=True)
@@ -152,6 +153,8 @@ class RunCheckpoints:
             steps = [s for s in [manager.best_step()] if s is not None]
         problems = []
         for step in steps:
+            if abstract_state is not None:
+                self._check_fits(which, step, abstract_state)
             try:
                 tree = manager.restore(step, args=args)
                 _verify_digest(self._read_digest(which, step), tree)
@@ -167,6 +170,29 @@ class RunCheckpoints:
             raise CheckpointError(f"no usable checkpoint in {self._root}/{which} ({'; '.join(problems)}); "
                                   f"remove {self._root} to start the run afresh")
         return None, None
+
+    def _check_fits(self, which, step, abstract_state):
+        """Compare the leaf shapes stored in checkpoint `step` (orbax's metadata, read without the arrays) with the
+        state to restore; unreadable metadata is left to the restore itself to report."""
+        try:
+            with ocp.StandardCheckpointer() as reader:    # the manager alone knows no handler before a restore
+                stored = reader.metadata(os.path.join(self._root, which, str(step), "default"))
+            stored = getattr(stored, "item_metadata", stored)
+            stored = getattr(stored, "tree", stored)
+            stored = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]
+                      if hasattr(x, "shape")}
+        except Exception:  # noqa: BLE001
+            return
+        if not stored:
+            return
+        want = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        differ = sorted(set(want) ^ set(stored)) + sorted(k for k in set(want) & set(stored) if want[k] != stored[k])
+        if differ:
+            shown = ", ".join(f"{k} {stored.get(k, 'absent')} vs {want.get(k, 'absent')}" for k in differ[:3])
+            raise CheckpointError(
+                f"checkpoint {self._root}/{which}/{step} was saved by another config: {len(differ)} leaves differ "
+                f"(checkpoint vs this config: {shown}{', ...' if len(differ) > 3 else ''}); resume with the run's "
+                "own config or use another workdir")
 
     def _digest_path(self, which, step):
         return os.path.join(self._root, "digests", f"{which}-{step}.json")
@@ -212,7 +238,8 @@ class RunCheckpoints:
     def restore(self, abstract_state, which="latest"):
         """The newest usable checkpoint restored into `abstract_state`'s structure and shardings, or None; damaged
         newer ones are moved aside (for resuming training)."""
-        return self._restore_newest_usable(which, ocp.args.StandardRestore(abstract_state), repair=True)[1]
+        return self._restore_newest_usable(which, ocp.args.StandardRestore(abstract_state), repair=True,
+                                           abstract_state=abstract_state)[1]
 
     def restore_raw(self, which="latest"):
         """The saved state as a plain tree (dicts of arrays), without rebuilding the run; None if none."""

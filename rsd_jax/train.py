@@ -47,6 +47,10 @@ def check_workdir(workdir):
             pass
     except OSError as e:
         raise UserError(f"workdir {workdir} is not writable: {e}") from None
+    for name in ("checkpoints", "student", "student_ema"):     # the run's directories, if a file took their place
+        path = os.path.join(workdir, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{path} is a file, not the run's {name} directory; move it or use another workdir")
 
 
 def build_student(config, num_classes):
@@ -66,6 +70,9 @@ def load_teacher(config, num_classes):
         init = jax.jit(lambda rng: teacher.init(rng, jnp.zeros(models.input_shape(teacher)), train=False))
         variables = jax.block_until_ready(init(jax.random.key(config.seed + 1)))
         return teacher, variables
+    if os.path.isfile(path):
+        raise UserError(f"teacher {path} is a file, not a model directory; convert a PyTorch checkpoint with "
+                        f"python -m convert.from_torch {path} --out DIR and set teacher.path=DIR")
     if not os.path.isdir(path):
         raise UserError(f"teacher directory {path} does not exist")
     meta = checkpoint.read_model_metadata(path)
@@ -187,6 +194,21 @@ def step_rngs(rng_data, step, num_groups):
     return aug_rng, student_rngs, extra_rngs
 
 
+# Integer settings and their least value (0 where 0 means off).
+_COUNTS = {"data.batch_size": 1, "data.eval_batch_size": 1, "data.image_size": 1, "optim.epochs": 1,
+           "log_every_steps": 1, "eval_every_epochs": 1, "checkpoint_every_epochs": 1, "checkpoint_every_steps": 0,
+           "stop_after_epoch": 0, "distill.group_size": 0}
+
+
+def check_counts(config):
+    for key, least in _COUNTS.items():
+        section, _, name = key.rpartition(".")
+        holder = config[section] if section else config
+        value = holder.get(name, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"{key} must be an integer >= {least}, got {value!r}")
+
+
 def compute_dtype(config):
     """The train step's compute dtype, `config.compute_dtype` ("float32", the default, or "bfloat16")."""
     name = config.get("compute_dtype", "float32") or "float32"
@@ -205,6 +227,7 @@ def build_run(config, mesh=None, dataset=None):
     """Check the config, load data (or take `dataset`, e.g. synthetic batches for benchmarks) and models, and build
     the jitted init, train and eval steps."""
     distillers.check_method(config.distill.method)
+    check_counts(config)
     dtype = compute_dtype(config)
 
     # ---------------------------------------------------------------------------------------- mesh
@@ -353,9 +376,14 @@ def train_and_evaluate(config, workdir):
     # ---------------------------------------------------------------------------------------- resume
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, "config.json")
-    if primary and not os.path.exists(config_path):
-        _write_atomic(config_path, config.to_json_best_effort(indent=2, sort_keys=True))
     ckpts = checkpoint.RunCheckpoints(workdir)
+    config_text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if ckpts.latest_step() is not None:
+        changed = check_resume_config(config_path, json.loads(config_text))
+        if changed:
+            log.info("resuming with changed settings: %s", "; ".join(changed))
+    if primary:   # the config the checkpoints now follow (a fresh start replaces a failed run's)
+        write_atomic(config_path, config_text)
     state = ckpts.restore(run.abstract_state)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if state is None:
@@ -496,7 +524,7 @@ def train_and_evaluate(config, workdir):
                 models.save_model(os.path.join(workdir, name), config.student.model, run.dataset.num_classes,
                                   dict(model_state, params=params), overrides=_overrides(config.student),
                                   source=os.path.abspath(workdir))
-        _write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+        write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
     return results
 
 
@@ -580,7 +608,43 @@ class _StopSignals:
         self._previous = {}
 
 
-def _write_atomic(path, text):
+# What may change when a run resumes: how it is run, logged and checkpointed, where its inputs live, and the fixes
+# that the non-finite-loss error suggests. Any other difference from the run's config.json is refused.
+RESUMABLE_KEYS = frozenset({
+    "stop_after_epoch", "progress_bar", "log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps",
+    "eval_every_epochs", "data.data_dir", "data.eval_batch_size", "teacher.path", "skip_nonfinite_steps",
+    "optim.lr", "optim.clip_grad"})
+
+
+def _flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def check_resume_config(config_path, config):
+    """Before resuming: the command's config (a JSON-like dict) against the run's config.json. Returns the changed
+    RESUMABLE_KEYS as 'key: old -> new' lines; a UserError for any other difference. Keys that only one side has
+    (options added or removed by another version) are not compared."""
+    try:
+        with open(config_path) as f:
+            stored = _flat(json.load(f))
+    except FileNotFoundError:
+        return []     # written by a version that kept no config.json
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_path} is unreadable ({e}); it records the config of the checkpoints beside it")
+    given = _flat(config)
+    differ = sorted(k for k in set(stored) & set(given) if stored[k] != given[k])
+    refused = [k for k in differ if k not in RESUMABLE_KEYS]
+    if refused:
+        shown = "; ".join(f"{k}: {stored[k]!r} there, {given[k]!r} now" for k in refused[:3])
+        raise UserError(f"this workdir holds a run with another config ({shown}{'; ...' if len(refused) > 3 else ''}"
+                        f"); resume with the run's config ({config_path}) or use another workdir")
+    return [f"{k}: {stored[k]!r} -> {given[k]!r}" for k in differ]
+
+
+def write_atomic(path, text):
+    """Write `text` to `path` through a temporary file and a rename, so that `path` is never half-written."""
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
@@ -599,7 +663,7 @@ def _truncate_metrics(path, step):
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(json.dumps(record) + "\n")
-    _write_atomic(path, "".join(kept))
+    write_atomic(path, "".join(kept))
 
 
 # ------------------------------------------------------------------------------------------------ eval

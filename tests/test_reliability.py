@@ -321,3 +321,55 @@ def test_loop_bookkeeping_sums_the_metrics_and_keeps_the_first_nonfinite_step():
     assert float(sums["lr"]) == 2.5 and int(sums["skipped"]) == 2
     unwatched, _ = train._bookkeeping(None, {}, metrics, 0, watch_nonfinite=False)
     assert unwatched is None
+
+
+def test_resume_with_another_config_is_refused_and_keeps_the_checkpoint(tmp_path, caplog):
+    workdir = str(tmp_path / "run")
+    config = tiny_config("vanilla", epochs=2, test_fraction=0.8)
+    config.stop_after_epoch = 1
+    assert train.train_and_evaluate(config, workdir) is None
+    steps = saved_steps(workdir)
+    wider = tiny_config("vanilla", epochs=2, test_fraction=0.8)
+    wider.student.overrides = dict(wider.student.overrides, widths=(8, 16, 16, 64))
+    reseeded = tiny_config("vanilla", epochs=2, test_fraction=0.8)
+    reseeded.seed = 7          # fits the checkpoint's shapes, but is not the same run
+    for other, what in ((wider, "student.overrides.widths"), (reseeded, "seed")):
+        with pytest.raises(UserError, match=f"another config .*{what}"):
+            train.train_and_evaluate(other, workdir)
+        assert saved_steps(workdir) == steps and not any(d.startswith("unusable")
+                                                         for d in os.listdir(os.path.join(workdir, "checkpoints")))
+    # what the non-finite error suggests may change: a lower LR resumes, and config.json follows
+    lower = tiny_config("vanilla", epochs=2, test_fraction=0.8)
+    lower.optim.lr = config.optim.lr / 2
+    with caplog.at_level("INFO", logger="rsd_jax"):
+        assert train.train_and_evaluate(lower, workdir) is not None
+    assert "resumed from step" in caplog.text and "optim.lr" in caplog.text
+    assert json.load(open(os.path.join(workdir, "config.json")))["optim"]["lr"] == lower.optim.lr
+
+
+def test_a_checkpoint_of_another_shape_is_an_error_not_damage(tmp_path):
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    run = train.build_run(tiny_config("vanilla", test_fraction=0.8), mesh)
+    ckpts = checkpoint.RunCheckpoints(str(tmp_path))
+    ckpts.save(run.init(jax.random.key(0)).replace(step=3))
+    ckpts.close()
+    wider = tiny_config("vanilla", test_fraction=0.8)
+    wider.student.overrides = dict(wider.student.overrides, widths=(8, 16, 16, 64))
+    other = train.build_run(wider, mesh)
+    with pytest.raises(checkpoint.CheckpointError, match=r"saved by another config: \d+ leaves differ .*layer1_0"):
+        checkpoint.RunCheckpoints(str(tmp_path)).restore(other.abstract_state)
+    assert os.listdir(tmp_path / "checkpoints" / "latest") == ["3"]
+
+
+def test_a_fresh_start_replaces_the_config_of_a_run_that_failed(tmp_path):
+    workdir = str(tmp_path / "run")
+    bad = tiny_config("vanilla", epochs=1, test_fraction=0.8)
+    bad.optim.update(lr=1e30, warmup_epochs=0)
+    with pytest.raises(UserError, match="non-finite"):
+        train.train_and_evaluate(bad, workdir)
+    assert saved_steps(workdir) == []
+    good = tiny_config("vanilla", epochs=1, test_fraction=0.8)
+    good.student.overrides = dict(good.student.overrides, widths=(8, 16, 16, 64))
+    assert train.train_and_evaluate(good, workdir) is not None
+    stored = json.load(open(os.path.join(workdir, "config.json")))
+    assert stored["optim"]["lr"] == good.optim.lr and stored["student"]["overrides"]["widths"] == [8, 16, 16, 64]
