@@ -368,8 +368,9 @@ class OFATokenBranch(nn.Module):
         for i in range(self.merges):
             setattr(self, f"merge{i}", PatchMerge(cin, dim, act=(i == 0 or i != self.merges - 1)))
             cin = dim
-        norm = functools.partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.ModuleList([Block(dim, num_heads=4, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
+        # the reference's timm 0.6.5 Block(dim, num_heads=4): no qkv bias, torch's LayerNorm (timm 1.x's Block
+        # defaults to its own LayerNorm, eps 1e-6)
+        self.blocks = nn.ModuleList([Block(dim, num_heads=4, norm_layer=nn.LayerNorm)
                                      for _ in range(max(4 - stage, 1))])
         self.head = nn.Linear(dim, num_classes)
 

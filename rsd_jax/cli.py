@@ -1,5 +1,7 @@
 """What every command-line entry point shares: quiet logging and user errors as one line, exit status 2."""
 import logging
+import os
+import re
 import sys
 
 from rsd_jax.errors import UserError
@@ -22,9 +24,24 @@ def _one_line(e):
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _config_spec(argv):
+    """The FILE.py[:arg] given to --config, or None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def parse_flags(argv):
-    """absl flag parsing (config files and --config.x overrides included) with errors as UserError."""
+    """absl flag parsing (config files and --config.x overrides included) with errors as UserError; positional
+    arguments are refused (no entry point takes any, and a forgotten `--` would otherwise go unnoticed)."""
     from absl import flags
+    spec = _config_spec(argv[1:])
+    path = spec.split(":")[0] if spec else None
+    if path and not os.path.isfile(path):
+        raise UserError(f"config file {path} not found")
     try:
         rest = flags.FLAGS(argv)
         for name in ("config",):
@@ -32,10 +49,16 @@ def parse_flags(argv):
                 getattr(flags.FLAGS, name).keys()   # a config file that failed to load raises only when read
     except (AttributeError, KeyError) as e:
         key = _one_line(e).strip("\"'")
+        if "get_config" in key:
+            raise UserError(f"config file {path} has no get_config()") from None
         raise UserError(f"unknown config key '{key}' on the command line") from None
     except Exception as e:  # absl and ml_collections raise several types, all for a bad command line
         message = _one_line(e).split(" Attempted ")[0]
+        if "Traceback (most recent call last)" in message:   # the config file's own error, with its traceback
+            message = f"{spec}: " + re.split(r"\b\w*(?:Error|Exception): ", message)[-1]
         raise UserError(f"bad command line: {message}") from None
+    if len(rest) > 1:
+        raise UserError(f"unexpected argument {rest[1]!r} (options are written --name=value)")
     return rest
 
 

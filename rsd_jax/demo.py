@@ -41,9 +41,13 @@ def student_config(config, method, seed, teacher_dir):
 
 
 def run(config, workdir):
+    """The demo's table as a dict (also in `workdir/results.json`), or None when a run stopped early (a signal or
+    stop_after_epoch) with a checkpoint: the same command resumes it and goes on."""
     train.check_workdir(workdir)
     print(f"demo: teacher {config.teacher.model} on {config.data.name} (all labels)")
     teacher = train.train_and_evaluate(teacher_config(config), os.path.join(workdir, "teacher"))
+    if teacher is None:
+        return None
     teacher_dir = os.path.join(workdir, "teacher", "student")
     top1 = {m: [] for m in config.methods}
     for seed in config.seeds:
@@ -52,6 +56,8 @@ def run(config, workdir):
                   f"({config.data.labelled_fraction:.0%} of the labels)")
             result = train.train_and_evaluate(student_config(config, method, seed, teacher_dir),
                                               os.path.join(workdir, f"{method}_seed{seed}"))
+            if result is None:
+                return None
             top1[method].append(result["top1"])
 
     results = {"teacher_top1": teacher["top1"], "seeds": list(config.seeds),
@@ -65,8 +71,7 @@ def run(config, workdir):
         spread = f" +- {values.std():.2f}" if len(values) > 1 else ""
         rows.append((method if method != "vanilla" else "scratch", config.student.model,
                      f"{values.mean():.2f}{spread}"))
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    train.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
     print(f"\nheld-out top-1 (%) on {config.data.name}, {len(config.seeds)} seed(s):")
     print(f"{'run':<10}{'model':<28}top-1")
     for name, model, value in rows:

@@ -27,7 +27,8 @@ def run(argv):
         raise UserError("usage: python -m rsd_jax.main --config configs/FILE.py[:arg] --workdir DIR")
     if config.program == "demo":
         from rsd_jax import demo
-        demo.run(config, workdir)
+        if demo.run(config, workdir) is None:
+            print(f"stopped early with a checkpoint; resume with the same command (workdir {workdir})")
         return
     if config.program != "train":
         raise UserError(f"unknown program {config.program!r}; known: train, demo")

@@ -335,7 +335,7 @@ def bad_inputs(d, sd):
         (["good.pth", "--num-classes", "100"], "has 10 classes"),
         (["good.pth", "--use-ema"], "state_dict_ema"),
         (["good.pth", "--model", "resnet18", "--override", "nonsense=1"], "unknown model option"),
-        (["good.pth", "--override", "widths=abc"], "cannot build resnet18"),
+        (["good.pth", "--override", "widths=abc"], "is not of the kind of its default"),
     ]
 
 

@@ -102,8 +102,13 @@ def demo_smoke_args(workdir, *extra):
 
 
 def test_demo_smoke_and_evaluate_cli(tmp_path):
+    # stopped after the teacher's first epoch: the demo stops there (no student run) and the same command resumes
+    out = run_cli(*demo_smoke_args(str(tmp_path / "demo"), "--config.stop_after_epoch=1"))
+    assert out.returncode == 0 and "stopped early" in out.stdout, out.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "demo")) == ["teacher"]
     out = run_cli(*demo_smoke_args(str(tmp_path / "demo")))
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed from step" in out.stderr
     results = json.load(open(tmp_path / "demo" / "results.json"))
     for key in ("teacher_top1", "scratch_top1", "kd_top1", "rsd_top1"):
         assert 0 <= results[key] <= 100
@@ -114,7 +119,8 @@ def test_demo_smoke_and_evaluate_cli(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_teacher", "wrong_arch", "wrong_classes", "unwritable",
-                                  "missing_config", "bad_value"])
+                                  "missing_config", "bad_value", "no_get_config", "bad_config_arg", "stray_argument",
+                                  "zero_interval", "bad_model_option", "teacher_file"])
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, teacher_dir, case):
     workdir = str(tmp_path / "run")
     train_args = ("rsd_jax.main", "--config", "configs/demo.py:smoke", "--workdir", workdir,
@@ -128,6 +134,12 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, teacher_dir, case):
         "unwritable": ("rsd_jax.main", "--config", "configs/demo.py:smoke", "--workdir", "/proc/rsd_jax_run"),
         "missing_config": ("rsd_jax.main", "--config", "configs/nope.py", "--workdir", workdir),
         "bad_value": train_args + ("--config.optim.lr=fast",),
+        "no_get_config": ("rsd_jax.main", "--config", os.path.join(REPO, "rsd_jax", "errors.py"), "--workdir", workdir),
+        "bad_config_arg": ("rsd_jax.main", "--config", "configs/demo.py:bogus", "--workdir", workdir),
+        "stray_argument": train_args + ("optim.lr=0.1",),
+        "zero_interval": train_args + ("--config.eval_every_epochs=0",),
+        "bad_model_option": train_args + ("--config.student.overrides.widths=abc",),
+        "teacher_file": train_args + (f"--config.teacher.path={os.path.join(teacher_dir, 'model.json')}",),
     }[case]
     if case == "wrong_classes":
         teacher100 = str(tmp_path / "teacher100")
@@ -142,6 +154,11 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, teacher_dir, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not os.path.exists(workdir)
+    expected = {"missing_config": "config file configs/nope.py not found", "no_get_config": "has no get_config()",
+                "bad_config_arg": "unknown config argument 'bogus'", "stray_argument": "unexpected argument",
+                "zero_interval": "eval_every_epochs must be an integer >= 1", "bad_model_option": "model option widths=",
+                "teacher_file": "is a file, not a model directory"}
+    assert expected.get(case, "") in lines[0]
 
 
 def test_ema_follows_its_recursion(teacher_dir):

@@ -7,6 +7,7 @@ knowledge shows: the distillation terms still see every training image.
 import numpy as np
 
 from rsd_jax import data
+from rsd_jax.errors import UserError
 
 
 def _resize_bilinear(images, size):
@@ -27,6 +28,12 @@ def _resize_bilinear(images, size):
 
 
 def load(config):
+    for key in ("test_fraction", "labelled_fraction"):
+        if not 0 <= config[key] <= 1:
+            raise UserError(f"data.{key} {config[key]} is not in [0, 1]")
+    if config.test_fraction in (0, 1):
+        empty = "test" if config.test_fraction == 0 else "training"
+        raise UserError(f"data.test_fraction {config.test_fraction} leaves no {empty} images")
     from sklearn.datasets import load_digits
     raw = load_digits()
     grey = _resize_bilinear(raw.images / 16.0, config.image_size)

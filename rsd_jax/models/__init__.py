@@ -48,12 +48,34 @@ def model_kwargs(name, num_classes=1000, **overrides):
     """The constructor kwargs of `name` with `num_classes` and `overrides` applied (unknown keys rejected)."""
     family = _family_module(name)
     kwargs = dict(family.MODELS[name], num_classes=num_classes)
-    fields = {f.name for f in dataclasses.fields(family.build(**kwargs))}
+    module = family.build(**kwargs)
+    fields = {f.name for f in dataclasses.fields(module)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise UnknownModelError(f"{name}: unknown model option(s) {unknown}")
+    for key, value in overrides.items():
+        current = getattr(module, key)
+        if not _same_kind(value, current):
+            raise UnknownModelError(f"{name}: model option {key}={value!r} is not of the kind of its default "
+                                    f"{current!r}")
     kwargs.update(overrides)
     return kwargs
+
+
+def _same_kind(value, like):
+    """Whether an override has the type of the option's default: bool, int, number, str, or a sequence of these
+    (JSON round trips turn tuples into lists); anything goes where the default is None."""
+    if isinstance(like, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(like, bool)
+    if isinstance(like, int):
+        return isinstance(value, int)
+    if isinstance(like, float):
+        return isinstance(value, (int, float))
+    if isinstance(like, str):
+        return isinstance(value, str)
+    if isinstance(like, (tuple, list)):
+        return isinstance(value, (tuple, list)) and (not like or all(_same_kind(v, like[0]) for v in value))
+    return True
 
 
 def create_model(name, num_classes=1000, **overrides):
