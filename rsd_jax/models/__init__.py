@@ -63,8 +63,9 @@ def model_kwargs(name, num_classes=1000, **overrides):
 
 
 def _same_kind(value, like):
-    """Whether an override has the type of the option's default: bool, int, number, str, or a sequence of these
-    (JSON round trips turn tuples into lists); anything goes where the default is None."""
+    """Whether an override has the type of the option's default: bool, int, number, str, or a sequence whose items
+    each have the kind of one of the default's items (JSON round trips turn tuples into lists); anything goes where
+    the default is None."""
     if isinstance(like, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(like, bool)
     if isinstance(like, int):
@@ -74,7 +75,8 @@ def _same_kind(value, like):
     if isinstance(like, str):
         return isinstance(value, str)
     if isinstance(like, (tuple, list)):
-        return isinstance(value, (tuple, list)) and (not like or all(_same_kind(v, like[0]) for v in value))
+        return isinstance(value, (tuple, list)) and (not like or all(any(_same_kind(v, u) for u in like)
+                                                                    for v in value))
     return True
 
 
