@@ -138,9 +138,11 @@ def masked_cross_entropy(logits, labels, mask, smoothing):
 
 
 def merge_groups(model_state):
-    """Per-group collections -> one. Running statistics: the mean over groups (the gradient is DDP's average of
-    per-rank gradients, and this is the average the reference's distribute_bn takes). Any other collection is
-    updated identically in every group, so group 0 holds it."""
+    """Per-group collections -> one. Running statistics: the mean over groups, every step (the gradient is DDP's
+    average of per-rank gradients). The reference differs slightly: DDP broadcasts rank 0's buffers before each
+    forward and distribute_bn averages them at epoch ends, so its statistics follow rank 0's batches; both are
+    estimates of the same quantity. Any other collection is updated identically in every group, so group 0 holds
+    it."""
     def merge(path, x):
         return jnp.mean(x, axis=0) if any(getattr(k, "key", None) == "batch_stats" for k in path) else x[0]
     return jax.tree_util.tree_map_with_path(merge, model_state)
