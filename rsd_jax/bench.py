@@ -29,7 +29,7 @@ _SOURCES = {"cifar100": (100, 32), "digits": (10, None), "imagenet2012": (1000, 
 
 def load_config(spec):
     """`FILE.py[:arg]` -> the file's get_config(arg); a missing file or one that fails is a UserError."""
-    from rsd_jax.cli import _one_line
+    from rsd_jax.cli import one_line
     from rsd_jax.errors import UserError
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
@@ -41,7 +41,7 @@ def load_config(spec):
         loader.exec_module(module)
         return module.get_config(arg or None)
     except Exception as e:  # the config file's own errors, e.g. an unknown argument, are the user's
-        raise UserError(f"--config {spec}: {_one_line(e)}") from None
+        raise UserError(f"--config {spec}: {one_line(e)}") from None
 
 
 def check_args(args):

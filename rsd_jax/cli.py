@@ -20,7 +20,7 @@ def quiet_logging():
     ours.propagate = False
 
 
-def _one_line(e):
+def one_line(e):
     return " ".join(str(e).split()) or type(e).__name__
 
 
@@ -48,12 +48,12 @@ def parse_flags(argv):
             if name in flags.FLAGS:
                 getattr(flags.FLAGS, name).keys()   # a config file that failed to load raises only when read
     except (AttributeError, KeyError) as e:
-        key = _one_line(e).strip("\"'")
+        key = one_line(e).strip("\"'")
         if "get_config" in key:
             raise UserError(f"config file {path} has no get_config()") from None
         raise UserError(f"unknown config key '{key}' on the command line") from None
     except Exception as e:  # absl and ml_collections raise several types, all for a bad command line
-        message = _one_line(e).split(" Attempted ")[0]
+        message = one_line(e).split(" Attempted ")[0]
         if "Traceback (most recent call last)" in message:   # the config file's own error, with its traceback
             message = f"{spec}: " + re.split(r"\b\w*(?:Error|Exception): ", message)[-1]
         raise UserError(f"bad command line: {message}") from None
