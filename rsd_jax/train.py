@@ -251,7 +251,8 @@ def build_run(config, mesh=None, dataset=None):
     if augment.mixing(config.data.augment):   # mixup/cutmix within each statistics group, as the reference mixes each GPU's batch
         batch_transform = augment.train_batch_transform(
             config.data.augment, dataset.mean, dataset.std, dataset.num_classes, config.distill.label_smoothing,
-            size=config.data.image_size, group_size=group_size)
+            size=config.data.image_size, group_size=group_size,
+            pin=lambda draws: jax.lax.with_sharding_constraint(draws, replicated))
     else:
         image_transform = augment.train_transform(config.data.augment, dataset.mean, dataset.std,
                                                   size=config.data.image_size)

@@ -1,6 +1,7 @@
 """The training program: sharded steps, the frozen teacher, resume, evaluation, the CLI's handling of bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,42 @@ def test_eight_devices_match_one_device_with_statistics_groups(teacher_dir):
     _, whole = run_steps(train.build_run(config, Mesh(np.asarray(jax.devices()[:1]), ("data",))), 1)
     _, grouped = run_steps(one, 1)
     assert abs(float(whole["rsd"]) - float(grouped["rsd"])) > 1e-3
+
+
+def loops_with_collectives(hlo):
+    """op names of the while loops of a compiled HLO module whose body or condition runs a collective."""
+    comps, current = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            current = head.group(1)
+            comps[current] = []
+        elif current:
+            comps[current].append(line)
+    collective = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(-start)?\(")
+
+    def runs_collective(name, seen=()):
+        body = "\n".join(comps.get(name, []))
+        return name not in seen and (bool(collective.search(body)) or any(
+            runs_collective(callee, seen + (name,))
+            for callee in re.findall(r"(?:to_apply|calls|body|condition)=%?([\w.\-]+)", body)))
+
+    return [re.search(r'op_name="([^"]*)"', line).group(1) for lines in comps.values() for line in lines
+            if " while(" in line and any(runs_collective(c) for c in re.findall(r"(?:body|condition)=%?([\w.\-]+)",
+                                                                                 line))]
+
+
+def test_mixup_draws_run_without_collectives_in_loops(teacher_dir):
+    """mixup's beta sampler is a rejection loop: split across devices by statistics group it would all-reduce its
+    predicate in every iteration (fake CPU devices have aborted in XLA's collective watchdog there)."""
+    config = tiny_config("rsd", teacher_dir)
+    config.distill.group_size = 8
+    config.data.augment.update(dict(mixup=0.8, cutmix=1.0))
+    run = train.build_run(config, Mesh(np.asarray(jax.devices()), ("data",)))
+    hlo = run.train_step.lower(jax.eval_shape(run.init, jax.random.key(0)), run.teacher_vars,
+                               run.train_batch(0)).compile().as_text()
+    assert " while(" in hlo and "all-reduce" in hlo     # the sampler's loop and the step's collectives are there
+    assert loops_with_collectives(hlo) == []
 
 
 def test_teacher_is_bit_identical_after_training(teacher_dir):

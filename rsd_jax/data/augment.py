@@ -501,17 +501,19 @@ def smooth_one_hot(labels, num_classes, smoothing):
 
 
 def mix(images, labels, rng, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5,
-        smoothing=0.1, group_size=0):
+        smoothing=0.1, group_size=0, pin=None):
     """timm Mixup in mode 'batch' on (B,H,W,C) float images and int labels -> (images, soft targets (B, C)).
     Within each group of `group_size` consecutive examples (0 = the whole batch; the reference mixes each
     GPU's batch of 128) one lambda: with probability `prob`, cutmix (with probability `switch_prob` when both
-    are on) or mixup; the partner is the group reversed; the cutmix lambda is corrected to the clipped box."""
+    are on) or mixup; the partner is the group reversed; the cutmix lambda is corrected to the clipped box.
+    `pin`, if given, is applied to the groups' drawn scalars: a sharding constraint that keeps the beta sampler's
+    rejection loop on every device, instead of split across devices with a collective in each iteration."""
     b, h, w, _ = images.shape
     g = group_size or b
     if b % g:
         raise ValueError(f"batch {b} is not a multiple of the mixing group size {g}")
 
-    def one_group(x, y, key):
+    def draw(key):
         k_apply, k_switch, k_lam, k_box = jax.random.split(key, 4)
         do_mix = jax.random.uniform(k_apply) < prob
         if mixup_alpha > 0 and cutmix_alpha > 0:
@@ -520,11 +522,15 @@ def mix(images, labels, rng, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, pro
             use_cutmix = jnp.asarray(cutmix_alpha > 0)
         alpha = jnp.where(use_cutmix, max(cutmix_alpha, 1e-6), max(mixup_alpha, 1e-6))
         lam = jnp.where(do_mix, jax.random.beta(k_lam, alpha, alpha), 1.0)
+        cy = jax.random.randint(k_box, (), 0, h)
+        cx = jax.random.randint(jax.random.fold_in(k_box, 1), (), 0, w)
+        return do_mix, use_cutmix, lam, cy, cx
+
+    def one_group(x, y, draws):
+        do_mix, use_cutmix, lam, cy, cx = draws
         # Cutmix box from lambda, clipped; lambda corrected to the area actually pasted.
         r = jnp.sqrt(1.0 - lam)
         cut_h, cut_w = jnp.floor(h * r).astype(jnp.int32), jnp.floor(w * r).astype(jnp.int32)
-        cy = jax.random.randint(k_box, (), 0, h)
-        cx = jax.random.randint(jax.random.fold_in(k_box, 1), (), 0, w)
         yl, yh = jnp.clip(cy - cut_h // 2, 0, h), jnp.clip(cy + cut_h // 2, 0, h)
         xl, xh = jnp.clip(cx - cut_w // 2, 0, w), jnp.clip(cx + cut_w // 2, 0, w)
         box = ((jnp.arange(h) >= yl) & (jnp.arange(h) < yh))[:, None] & \
@@ -539,9 +545,12 @@ def mix(images, labels, rng, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, pro
         t = smooth_one_hot(y, num_classes, smoothing)
         return x, lam * t + (1.0 - lam) * t[::-1]
 
+    draws = jax.vmap(draw)(jax.random.split(rng, b // g))
+    if pin is not None:
+        draws = pin(draws)
     xs = images.reshape((b // g, g) + images.shape[1:])
     ys = labels.reshape(b // g, g)
-    x, t = jax.vmap(one_group)(xs, ys, jax.random.split(rng, b // g))
+    x, t = jax.vmap(one_group)(xs, ys, draws)
     return x.reshape(images.shape), t.reshape(b, num_classes)
 
 
@@ -597,10 +606,10 @@ def train_transform(config, mean, std, size=None):
     return transform
 
 
-def train_batch_transform(config, mean, std, num_classes, smoothing=0.1, size=None, group_size=0):
+def train_batch_transform(config, mean, std, num_classes, smoothing=0.1, size=None, group_size=0, pin=None):
     """fn(images uint8, labels int (B,), rng) -> (normalised images, soft targets (B, num_classes)): the image
     transform, then mixup/cutmix (label smoothing inside the targets, as timm), then random erasing. With mixing
-    off the targets are the smoothed one-hot labels."""
+    off the targets are the smoothed one-hot labels. `pin`: see `mix`."""
     images_fn = _image_transform(config, mean, std, _size(size))
 
     def transform(images, labels, rng):
@@ -609,7 +618,7 @@ def train_batch_transform(config, mean, std, num_classes, smoothing=0.1, size=No
         if mixing(config):
             images, targets = mix(images, labels, k_mix, num_classes, _get(config, "mixup"), _get(config, "cutmix"),
                                   _get(config, "mixup_prob"), _get(config, "mixup_switch_prob"), smoothing,
-                                  group_size)
+                                  group_size, pin)
         else:
             targets = smooth_one_hot(labels, num_classes, smoothing)
         return _erase(config, images, k_erase), targets
