@@ -3,24 +3,15 @@ import contextlib
 import os
 import signal
 import sys
-import tempfile
 
 
 def check_out(out):
     """Refuse an --out that exists or cannot be created, before anything is loaded or converted."""
+    from rsd_jax.cli import check_writable
     from rsd_jax.errors import UserError
     if os.path.lexists(out):
         raise UserError(f"{out} already exists; choose another --out or remove it")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.lexists(parent):   # the writes create missing parents, so the nearest existing one decides
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UserError(f"--out {out}: {parent} is not a directory")
-    try:   # a real write: os.access says yes to root even on /proc
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
+    check_writable(out, f"--out {out}")   # the writes create missing parents, so the nearest existing one decides
 
 
 @contextlib.contextmanager

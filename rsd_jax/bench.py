@@ -29,11 +29,9 @@ _SOURCES = {"cifar100": (100, 32), "digits": (10, None), "imagenet2012": (1000, 
 
 def load_config(spec):
     """`FILE.py[:arg]` -> the file's get_config(arg); a missing file or one that fails is a UserError."""
-    from rsd_jax.cli import one_line
+    from rsd_jax.cli import config_file, one_line
     from rsd_jax.errors import UserError
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path} not found")
+    path, arg = config_file(spec), spec.partition(":")[2]
     loader = importlib.machinery.SourceFileLoader("bench_config", path)   # whatever the file's extension
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bench_config", loader))
     sys.path.insert(0, os.getcwd())

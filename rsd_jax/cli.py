@@ -3,6 +3,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 
 from rsd_jax.errors import UserError
 
@@ -24,6 +25,30 @@ def one_line(e):
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def check_writable(path, what):
+    """Fail before any work unless `path` (existing or to be created, parents included) lies under a directory this
+    process can write in: the nearest existing one of `path` and its parents decides. `what` names the path in the
+    error, e.g. "workdir X"."""
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{what}: {probe} is not a directory")
+    try:   # a real write: os.access says yes to root even on /proc
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {probe} ({e.strerror})") from None
+
+
+def config_file(spec):
+    """The file of a --config FILE.py[:arg]; a UserError if there is no such file."""
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found")
+    return path
+
+
 def _config_spec(argv):
     """The FILE.py[:arg] given to --config, or None."""
     for i, arg in enumerate(argv):
@@ -39,9 +64,7 @@ def parse_flags(argv):
     arguments are refused (no entry point takes any, and a forgotten `--` would otherwise go unnoticed)."""
     from absl import flags
     spec = _config_spec(argv[1:])
-    path = spec.split(":")[0] if spec else None
-    if path and not os.path.isfile(path):
-        raise UserError(f"config file {path} not found")
+    path = config_file(spec) if spec else None
     try:
         rest = flags.FLAGS(argv)
         for name in ("config",):

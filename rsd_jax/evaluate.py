@@ -30,14 +30,7 @@ def evaluate_workdir(workdir, which="latest"):
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise UserError(f"{workdir} is not a training run directory (no config.json)")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise UserError(f"{config_path} is unreadable: {e}") from None
-    config = ml_collections.ConfigDict(config)
+    config = ml_collections.ConfigDict(train.read_run_config(config_path))
     ckpts = checkpoint.RunCheckpoints(workdir)
     state = ckpts.restore_raw(which)
     ckpts.close()

@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rsd_jax import checkpoint, data, distillers, models, optim, sharding
+from rsd_jax import checkpoint, cli, data, distillers, models, optim, sharding
 from rsd_jax.data import augment
 from rsd_jax.errors import UserError
 from rsd_jax.state import TrainState
@@ -37,16 +36,7 @@ def _overrides(section):
 
 def check_workdir(workdir):
     """Fail early (before any compilation or writing) when the workdir cannot be created or written."""
-    probe = os.path.abspath(workdir)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    try:
-        if not os.path.isdir(probe):
-            raise OSError(f"{probe} is not a directory")
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise UserError(f"workdir {workdir} is not writable: {e}") from None
+    cli.check_writable(workdir, f"workdir {workdir}")
     for name in ("checkpoints", "student", "student_ema"):     # the run's directories, if a file took their place
         path = os.path.join(workdir, name)
         if os.path.exists(path) and not os.path.isdir(path):
@@ -629,14 +619,9 @@ def check_resume_config(config_path, config):
     """Before resuming: the command's config (a JSON-like dict) against the run's config.json. Returns the changed
     RESUMABLE_KEYS as 'key: old -> new' lines; a UserError for any other difference. Keys that only one side has
     (options added or removed by another version) are not compared."""
-    try:
-        with open(config_path) as f:
-            stored = _flat(json.load(f))
-    except FileNotFoundError:
+    if not os.path.exists(config_path):
         return []     # written by a version that kept no config.json
-    except (OSError, ValueError) as e:
-        raise UserError(f"{config_path} is unreadable ({e}); it records the config of the checkpoints beside it")
-    given = _flat(config)
+    stored, given = _flat(read_run_config(config_path)), _flat(config)
     differ = sorted(k for k in set(stored) & set(given) if stored[k] != given[k])
     refused = [k for k in differ if k not in RESUMABLE_KEYS]
     if refused:
@@ -644,6 +629,18 @@ def check_resume_config(config_path, config):
         raise UserError(f"this workdir holds a run with another config ({shown}{'; ...' if len(refused) > 3 else ''}"
                         f"); resume with the run's config ({config_path}) or use another workdir")
     return [f"{k}: {stored[k]!r} -> {given[k]!r}" for k in differ]
+
+
+def read_run_config(config_path):
+    """A run's config.json as a dict; a UserError if it cannot be read as a JSON object."""
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_path} is unreadable: {e}") from None
+    return config
 
 
 def write_atomic(path, text):
