@@ -1,8 +1,6 @@
 """`python -m rsd_jax.evaluate` on bad input: one `error:` line and exit status 2, never a traceback."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -10,15 +8,13 @@ from jax.sharding import Mesh
 import numpy as np
 
 from rsd_jax import checkpoint, train
+from test_train import run_cli
 from tiny import tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def evaluate(*args):
-    return subprocess.run([sys.executable, "-m", "rsd_jax.evaluate", *map(str, args)], cwd=REPO,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), capture_output=True, text=True,
-                          timeout=300)
+    return run_cli("rsd_jax.evaluate", *map(str, args))
 
 
 def assert_one_line_error(out, message):
