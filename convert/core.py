@@ -10,8 +10,11 @@ torch's BatchNorm `num_batches_tracked` has no Flax counterpart: dropped on impo
 import importlib
 import re
 
+import jax
 import numpy as np
 from flax import traverse_util
+
+from rsd_jax import trees
 
 _LEAF_TO_TORCH = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
                   ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
@@ -64,28 +67,18 @@ def state_dict_to_variables(state_dict, template, table=None):
     """
     name_of = getattr(table, "torch_name", None) or torch_name
     ignored = [re.compile(p) for p in (*getattr(table, "IGNORED", ()), r"(^|\.)num_batches_tracked$")]
-    remaining = {k: v for k, v in state_dict.items() if not any(p.search(k) for p in ignored)}
-    missing, mismatched, flat = [], [], {}
-    for collection, path, shape in _flat_template(template):
-        key = name_of(collection, path)
-        if key not in remaining:
-            missing.append(key)
-            continue
-        value = to_flax_array(path[-1], np.array(remaining.pop(key), copy=True))   # never a view of torch memory
-        if tuple(value.shape) != shape:
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {shape}")
-            continue
-        flat[(collection, *path)] = value
-    problems = []
-    if missing:
-        problems.append(f"missing in checkpoint: {', '.join(missing)}")
-    if remaining:
-        problems.append(f"unexpected in checkpoint: {', '.join(sorted(remaining))}")
-    if mismatched:
-        problems.append(f"shape mismatch: {'; '.join(mismatched)}")
-    if problems:
-        raise ConversionError(" | ".join(problems))
-    return traverse_util.unflatten_dict(flat)
+    given = {k: v for k, v in state_dict.items() if not any(p.search(k) for p in ignored)}
+    leaves = {name_of(collection, path): (collection, path, shape)
+              for collection, path, shape in _flat_template(template)}
+    # Both sides keyed by torch name, the checkpoint's tensors in the Flax layout (never a view of torch memory).
+    flax_values = {k: to_flax_array(leaves[k][1][-1], np.array(v, copy=True)) if k in leaves else v
+                   for k, v in given.items()}
+    wanted = {k: jax.ShapeDtypeStruct(shape, np.float32) for k, (_, _, shape) in leaves.items()}
+    differences = trees.diff(wanted, flax_values)
+    if differences:
+        raise ConversionError(differences.describe("checkpoint", "model"))
+    return traverse_util.unflatten_dict({(collection, *path): flax_values[k]
+                                         for k, (collection, path, _) in leaves.items()})
 
 
 def variables_to_state_dict(variables, table=None):

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 
 from convert import check_out, core, run_cli, verify
-from rsd_jax import checkpoint, models
+from rsd_jax import model_dir, models
 from rsd_jax.errors import UserError
 
 
@@ -24,20 +24,20 @@ class ExportError(UserError, ValueError):
 
 def model_directory(path):
     """`path` itself if it is a model directory, else `path/student` (a training workdir)."""
-    if os.path.isfile(os.path.join(path, checkpoint.MODEL_JSON)):
+    if os.path.isfile(os.path.join(path, model_dir.MODEL_JSON)):
         return path
     student = os.path.join(path, "student")
-    if os.path.isfile(os.path.join(student, checkpoint.MODEL_JSON)):
+    if os.path.isfile(os.path.join(student, model_dir.MODEL_JSON)):
         return student
     if not os.path.isdir(path):
         raise ExportError(f"{path}: no such directory")
-    raise ExportError(f"{path} is neither a model directory (no {checkpoint.MODEL_JSON}) nor a training workdir "
+    raise ExportError(f"{path} is neither a model directory (no {model_dir.MODEL_JSON}) nor a training workdir "
                       "with a student/ model directory")
 
 
 def export(directory):
     """(state_dict of numpy arrays, metadata, timm kwargs, Flax variables) of a model directory."""
-    meta = checkpoint.read_model_metadata(directory)
+    meta = model_dir.read_model_metadata(directory)
     _, variables = models.load_model(directory)
     name, overrides = meta["model"], meta.get("overrides") or {}
     kwargs = verify.timm_kwargs(name, overrides)   # refuses what timm cannot build, before anything is written

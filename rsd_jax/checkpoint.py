@@ -1,100 +1,21 @@
-"""The one place orbax is called.
+"""A run's checkpoints: `RunCheckpoints`, the one place orbax is called for a run's train state.
 
-Two kinds of directory:
-* a *model directory* (`save_model` / `load_model`): one model's variables (params, batch_stats) as an orbax
-  checkpoint in `variables/`, plus `model.json` naming the architecture (`model`, `num_classes`, `overrides`) and
-  where it came from. Written by the converter and by training (a trained teacher, an exported student).
-* a *run directory*: the train state of a run, managed by `RunCheckpoints` (latest and best by top-1).
-Every write goes to a temporary sibling and is renamed into place, so a crash never leaves a half-written directory.
+`checkpoints/latest` (the two newest) and `checkpoints/best` (the best top-1), each with per-array checksums in
+`checkpoints/digests/`. Model directories (one model's variables) are `rsd_jax.model_dir`'s.
 """
 import json
 import logging
 import os
 import shutil
-import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rsd_jax.errors import UserError
+from rsd_jax import trees
+from rsd_jax.errors import CheckpointError
 
-MODEL_JSON = "model.json"
 log = logging.getLogger("rsd_jax")
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that is missing, unreadable or does not fit; the message says which and why."""
-
-
-def save_model(directory, variables, metadata):
-    """Write `variables` and `metadata` (must hold `model` and `num_classes`) to `directory`, atomically."""
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory):
-        raise CheckpointError(f"{directory} already exists; choose another output directory or remove it")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
-    try:
-        host = jax.tree_util.tree_map(np.asarray, jax.device_get(dict(variables)))
-        # Written by one process (process 0 of a multi-process run): no barriers with the others.
-        only_me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                                     active_processes={jax.process_index()})
-        with ocp.StandardCheckpointer(multiprocessing_options=only_me) as ckpt:
-            ckpt.save(os.path.join(tmp, "variables"), host)
-        with open(os.path.join(tmp, MODEL_JSON), "w") as f:
-            json.dump(metadata, f, indent=2, sort_keys=True)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def read_model_metadata(directory):
-    path = os.path.join(directory, MODEL_JSON)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{directory} is not a model directory (no {MODEL_JSON}); "
-                              "write one with `python -m convert.from_torch` or by training")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str) or not isinstance(
-            meta.get("num_classes"), int):
-        raise CheckpointError(f"{path} must hold a 'model' name and an integer 'num_classes'")
-    return meta
-
-
-def check_tree_shapes(template, tree, what):
-    """Raise one CheckpointError naming every missing, unexpected and mis-shaped leaf of `tree` vs `template`."""
-    from flax import traverse_util
-    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(template)).items()}
-    got = {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
-    problems = []
-    if missing := sorted(set(want) - set(got)):
-        problems.append(f"missing: {', '.join(missing)}")
-    if unexpected := sorted(set(got) - set(want)):
-        problems.append(f"unexpected: {', '.join(unexpected)}")
-    if bad := [f"{k} {got[k]} vs {want[k]}" for k in sorted(set(want) & set(got)) if want[k] != got[k]]:
-        problems.append(f"shape mismatch (checkpoint vs model): {'; '.join(bad)}")
-    if problems:
-        raise CheckpointError(f"{what} does not fit: " + " | ".join(problems))
-
-
-def load_model_variables(directory, template):
-    """Restore the variables of a model directory as numpy arrays, checked leaf by leaf against `template`."""
-    path = os.path.join(os.path.abspath(directory), "variables")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{directory} has no variables/ directory")
-    try:
-        with ocp.StandardCheckpointer() as ckpt:
-            tree = ckpt.restore(path)
-    except Exception as e:  # orbax raises many types for a damaged directory
-        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
-    check_tree_shapes(template, tree, directory)
-    return jax.tree_util.tree_map(np.asarray, tree)
 
 
 class RunCheckpoints:
@@ -172,27 +93,24 @@ class RunCheckpoints:
         return None, None
 
     def _check_fits(self, which, step, abstract_state):
-        """Compare the leaf shapes stored in checkpoint `step` (orbax's metadata, read without the arrays) with the
-        state to restore; unreadable metadata is left to the restore itself to report."""
+        """Compare the leaves stored in checkpoint `step` (orbax's metadata, read without the arrays) with the state
+        to restore; unreadable metadata is left to the restore itself to report."""
         try:
             with ocp.StandardCheckpointer() as reader:    # the manager alone knows no handler before a restore
                 stored = reader.metadata(os.path.join(self._root, which, str(step), "default"))
             stored = getattr(stored, "item_metadata", stored)
-            stored = getattr(stored, "tree", stored)
-            stored = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]
+            stored = {k: x for k, x in trees.flat_leaves(getattr(stored, "tree", stored)).items()
                       if hasattr(x, "shape")}
         except Exception:  # noqa: BLE001
             return
         if not stored:
             return
-        want = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-        differ = sorted(set(want) ^ set(stored)) + sorted(k for k in set(want) & set(stored) if want[k] != stored[k])
-        if differ:
-            shown = ", ".join(f"{k} {stored.get(k, 'absent')} vs {want.get(k, 'absent')}" for k in differ[:3])
+        differences = trees.diff(abstract_state, stored, dtypes=True)
+        if differences:
             raise CheckpointError(
-                f"checkpoint {self._root}/{which}/{step} was saved by another config: {len(differ)} leaves differ "
-                f"(checkpoint vs this config: {shown}{', ...' if len(differ) > 3 else ''}); resume with the run's "
-                "own config or use another workdir")
+                f"checkpoint {self._root}/{which}/{step} was saved by another config: {len(differences)} leaves "
+                f"differ ({differences.describe('checkpoint', 'this config', limit=3)}); resume with the run's own "
+                "config or use another workdir")
 
     def _digest_path(self, which, step):
         return os.path.join(self._root, "digests", f"{which}-{step}.json")
@@ -279,15 +197,11 @@ def _leaf_digest(x):
 _digests = jax.jit(lambda leaves: [_leaf_digest(x) for x in leaves])
 
 
-def _path_name(path):
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def state_digest(tree):
     """{leaf path: checksum} of a state, the same for a TrainState and the plain tree restored from it."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     values = jax.device_get(_digests([x for _, x in flat]))
-    return {_path_name(p): int(v) for (p, _), v in zip(flat, values)}
+    return {trees.path_name(p): int(v) for (p, _), v in zip(flat, values)}
 
 
 def _verify_digest(digest, tree):

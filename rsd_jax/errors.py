@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A mistake in the user's input (config, paths, checkpoints), not a bug in rsd_jax."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint or model directory that is missing, unreadable or does not fit; the message says which and why."""

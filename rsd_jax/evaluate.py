@@ -13,9 +13,9 @@ import jax
 import ml_collections
 from absl import flags
 
-from rsd_jax import checkpoint, cli, data, models, sharding, train
+from rsd_jax import checkpoint, cli, data, model_dir, models, sharding, train, trees
 from rsd_jax.data import augment
-from rsd_jax.errors import UserError
+from rsd_jax.errors import CheckpointError, UserError
 
 flags.DEFINE_string("workdir", None, "A training run's directory.")
 flags.DEFINE_string("model", None, "A model directory (instead of --workdir).")
@@ -39,9 +39,8 @@ def evaluate_workdir(workdir, which="latest"):
     dataset = data.load(config.data)
     student = train.build_student(config, dataset.num_classes)
     # A stale config.json (another model than the run trained) would otherwise fail inside the jitted step.
-    checkpoint.check_tree_shapes(models.init_shapes(student),
-                                 dict(state["model_state"]["student"], params=state["params"]["student"]),
-                                 f"the {which} checkpoint of {workdir} (vs the student in its config.json)")
+    trees.check(models.init_shapes(student), dict(state["model_state"]["student"], params=state["params"]["student"]),
+                f"the {which} checkpoint of {workdir} (vs the student in its config.json)", error=CheckpointError)
     mesh = sharding.make_mesh()
     eval_step = train.make_eval_step(student, train.eval_transform_for(config, dataset))
     params = jax.device_put(state["params"]["student"], sharding.replicated(mesh))
@@ -57,7 +56,7 @@ def evaluate_model(model_dir, dataset="cifar100", data_dir="", batch_size=128):
     data_config.update(dict(name=dataset, data_dir=data_dir, eval_batch_size=batch_size))
     dataset = data.load(data_config)     # before the model: a missing dataset fails fast
     model, variables = models.load_model(model_dir)
-    model_name = checkpoint.read_model_metadata(model_dir)["model"]
+    model_name = model_dir.read_model_metadata(model_dir)["model"]
     if model.num_classes != dataset.num_classes:
         raise UserError(f"{model_dir} has {model.num_classes} classes, dataset {data_config.name} has "
                         f"{dataset.num_classes}")

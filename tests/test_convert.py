@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from configs.presets import SMOKE_OVERRIDES
 from convert import from_torch, to_torch, verify
-from rsd_jax import checkpoint, models
+from rsd_jax import model_dir, models
 from timm_parity import max_rel_err, randomize_batchnorm_stats
 
 # name -> (our overrides for a tiny variant, the same architecture in timm's kwargs, written out independently)
@@ -222,7 +222,7 @@ def test_reference_training_checkpoint_and_ema(tmp_path, capsys):
     assert cli(from_torch, tmp_path / "last.pth.tar", "--out", tmp_path / "ema", "--use-ema") == 0
     assert_parity(student, *models.load_model(tmp_path / "plain"), batch=2, seed=3)
     assert_parity(ema, *models.load_model(tmp_path / "ema"), batch=2, seed=3)
-    meta = checkpoint.read_model_metadata(tmp_path / "ema")
+    meta = model_dir.read_model_metadata(tmp_path / "ema")
     assert meta["source_entry"] == "state_dict_ema" and meta["overrides"]["layers"] == [1, 1, 1, 1]
     assert len(meta["source_sha256"]) == 64 and meta["layout"].startswith("timm-1.x")
 

@@ -119,19 +119,19 @@ def stage_table(model):
 
 def load_model(directory):
     """`(model, variables)` from a model directory (written by the converter or by training)."""
-    from rsd_jax import checkpoint
-    meta = checkpoint.read_model_metadata(directory)
+    from rsd_jax import model_dir
+    meta = model_dir.read_model_metadata(directory)
     try:
         model = create_model(meta["model"], num_classes=meta["num_classes"], **meta.get("overrides", {}))
     except UnknownModelError as e:
-        raise checkpoint.CheckpointError(f"{directory}: {e}") from None
-    return model, checkpoint.load_model_variables(directory, init_shapes(model))
+        raise model_dir.CheckpointError(f"{directory}: {e}") from None
+    return model, model_dir.load_model_variables(directory, init_shapes(model))
 
 
 load_converted = load_model   # the name the converter's documentation uses
 
 
 def save_model(directory, model_name, num_classes, variables, overrides=None, **extra_metadata):
-    from rsd_jax import checkpoint
+    from rsd_jax import model_dir
     meta = dict(extra_metadata, model=model_name, num_classes=num_classes, overrides=dict(overrides or {}))
-    checkpoint.save_model(directory, variables, meta)
+    model_dir.save_model(directory, variables, meta)
