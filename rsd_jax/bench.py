@@ -114,7 +114,7 @@ def run_bench(config, steps=5, warmup=1, profile=0):
     import jax
     import numpy as np
 
-    from rsd_jax import train
+    from rsd_jax import sharding, train
 
     t0 = time.perf_counter()
     run = train.build_run(config, dataset=synthetic_dataset(config))
@@ -131,9 +131,8 @@ def run_bench(config, steps=5, warmup=1, profile=0):
     flops = _flops(lowered)
     memory = compiled.memory_analysis()
 
-    # Fake CPU devices deadlock on back-to-back sharded steps unless each is awaited (MACHINE_NOTES); elsewhere
-    # the loop never waits on the host, as in training.
-    sync_each_step = jax.default_backend() == "cpu"
+    # Each step awaited only where the mesh needs it, as in training.
+    sync_each_step = sharding.sync_each_step(run.mesh)
     for _ in range(warmup):
         state, metrics = compiled(state, run.teacher_vars, batch)
         jax.block_until_ready(state)
@@ -254,12 +253,13 @@ def breakdown(config, steps=3):
     import jax
     import jax.numpy as jnp
 
-    from rsd_jax import train
+    from rsd_jax import run_models, train
+    from rsd_jax.config import compute_dtype
     from rsd_jax.data import augment
-    dtype = train.compute_dtype(config)
+    dtype = compute_dtype(config)
     dataset = synthetic_dataset(config)
-    student = train.build_student(config, dataset.num_classes)
-    teacher, teacher_vars = train.load_teacher(config, dataset.num_classes)
+    student = run_models.build_student(config, dataset.num_classes)
+    teacher, teacher_vars = run_models.load_teacher(config, dataset.num_classes)
     teacher_vars = train.cast_floats(teacher_vars, dtype)
     transform = augment.train_transform(config.data.augment, dataset.mean, dataset.std, size=config.data.image_size)
     raw = jnp.asarray(dataset.train.images)

@@ -1,8 +1,11 @@
-"""The base config: every knob with its default. Pair and demo configs in configs/ start from here."""
+"""The base config: every knob with its default (pair and demo configs in configs/ start from here), and the checks
+of its settings that no type can express."""
+import jax.numpy as jnp
 import ml_collections
 
 from rsd_jax import distillers
 from rsd_jax.data import augment
+from rsd_jax.errors import UserError
 
 
 def base_config():
@@ -38,7 +41,7 @@ def base_config():
     # EMA of the student (timm ModelEmaV2: parameters and BatchNorm statistics), evaluated and checkpointed with it.
     c.ema = ml_collections.ConfigDict(dict(decay=0.0))     # 0 = off; the reference's ViT/MLP ImageNet: 0.99996
     # Compute dtype of the train step: "bfloat16" computes in bf16 with float32 parameters, optimizer state, norm
-    # statistics, losses and RSD statistics (rsd_jax/train.py: compute_dtype).
+    # statistics, losses and RSD statistics (`compute_dtype` below).
     c.compute_dtype = "float32"
     c.eval_every_epochs = 1
     c.checkpoint_every_epochs = 1
@@ -48,3 +51,26 @@ def base_config():
     c.log_every_steps = 10
     c.progress_bar = True
     return c
+
+
+# Integer settings and their least value (0 where 0 means off).
+_COUNTS = {"data.batch_size": 1, "data.eval_batch_size": 1, "data.image_size": 1, "optim.epochs": 1,
+           "log_every_steps": 1, "eval_every_epochs": 1, "checkpoint_every_epochs": 1, "checkpoint_every_steps": 0,
+           "stop_after_epoch": 0, "distill.group_size": 0}
+
+
+def check_counts(config):
+    for key, least in _COUNTS.items():
+        section, _, name = key.rpartition(".")
+        holder = config[section] if section else config
+        value = holder.get(name, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"{key} must be an integer >= {least}, got {value!r}")
+
+
+def compute_dtype(config):
+    """The train step's compute dtype, `config.compute_dtype` ("float32", the default, or "bfloat16")."""
+    name = config.get("compute_dtype", "float32") or "float32"
+    if name not in ("float32", "bfloat16"):
+        raise UserError(f"unknown compute_dtype {name!r}; known: float32, bfloat16")
+    return jnp.dtype(name)

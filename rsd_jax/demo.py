@@ -11,7 +11,7 @@ import os
 import ml_collections
 import numpy as np
 
-from rsd_jax import train
+from rsd_jax import rundir, train
 
 METHOD_KEYS = {"vanilla": "scratch_top1", "kd": "kd_top1", "rsd": "rsd_top1"}
 
@@ -43,7 +43,7 @@ def student_config(config, method, seed, teacher_dir):
 def run(config, workdir):
     """The demo's table as a dict (also in `workdir/results.json`), or None when a run stopped early (a signal or
     stop_after_epoch) with a checkpoint: the same command resumes it and goes on."""
-    train.check_workdir(workdir)
+    rundir.check_workdir(workdir)
     print(f"demo: teacher {config.teacher.model} on {config.data.name} (all labels)")
     teacher = train.train_and_evaluate(teacher_config(config), os.path.join(workdir, "teacher"))
     if teacher is None:
@@ -71,7 +71,7 @@ def run(config, workdir):
         spread = f" +- {values.std():.2f}" if len(values) > 1 else ""
         rows.append((method if method != "vanilla" else "scratch", config.student.model,
                      f"{values.mean():.2f}{spread}"))
-    train.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+    rundir.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
     print(f"\nheld-out top-1 (%) on {config.data.name}, {len(config.seeds)} seed(s):")
     print(f"{'run':<10}{'model':<28}top-1")
     for name, model, value in rows:

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 from absl import flags
 
-from rsd_jax import checkpoint, cli, data, model_dir, models, sharding, train, trees
+from rsd_jax import checkpoint, cli, data, evaluation, model_dir, models, rundir, run_models, sharding, trees
 from rsd_jax.data import augment
 from rsd_jax.errors import CheckpointError, UserError
 
@@ -30,45 +30,45 @@ def evaluate_workdir(workdir, which="latest"):
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise UserError(f"{workdir} is not a training run directory (no config.json)")
-    config = ml_collections.ConfigDict(train.read_run_config(config_path))
+    config = ml_collections.ConfigDict(rundir.read_run_config(config_path))
     ckpts = checkpoint.RunCheckpoints(workdir)
     state = ckpts.restore_raw(which)
     ckpts.close()
     if state is None:
         raise UserError(f"{workdir} has no {which} checkpoint yet")
     dataset = data.load(config.data)
-    student = train.build_student(config, dataset.num_classes)
+    student = run_models.build_student(config, dataset.num_classes)
     # A stale config.json (another model than the run trained) would otherwise fail inside the jitted step.
     trees.check(models.init_shapes(student), dict(state["model_state"]["student"], params=state["params"]["student"]),
                 f"the {which} checkpoint of {workdir} (vs the student in its config.json)", error=CheckpointError)
     mesh = sharding.make_mesh()
-    eval_step = train.make_eval_step(student, train.eval_transform_for(config, dataset))
+    eval_step = evaluation.make_eval_step(student, evaluation.eval_transform_for(config, dataset))
     params = jax.device_put(state["params"]["student"], sharding.replicated(mesh))
     stats = jax.device_put(state["model_state"]["student"], sharding.replicated(mesh))
-    return train.evaluate_split(eval_step, params, stats, dataset.test, config.data.eval_batch_size,
+    return evaluation.evaluate_split(eval_step, params, stats, dataset.test, config.data.eval_batch_size,
                                 mesh)
 
 
-def evaluate_model(model_dir, dataset="cifar100", data_dir="", batch_size=128):
+def evaluate_model(directory, dataset="cifar100", data_dir="", batch_size=128):
     """top1/top5/loss of a model directory on a dataset's test split, with the eval transform for that model."""
     from rsd_jax import config as base
     data_config = base.base_config().data
     data_config.update(dict(name=dataset, data_dir=data_dir, eval_batch_size=batch_size))
     dataset = data.load(data_config)     # before the model: a missing dataset fails fast
-    model, variables = models.load_model(model_dir)
-    model_name = model_dir.read_model_metadata(model_dir)["model"]
+    model, variables = models.load_model(directory)
+    model_name = model_dir.read_model_metadata(directory)["model"]
     if model.num_classes != dataset.num_classes:
-        raise UserError(f"{model_dir} has {model.num_classes} classes, dataset {data_config.name} has "
+        raise UserError(f"{directory} has {model.num_classes} classes, dataset {data_config.name} has "
                         f"{dataset.num_classes}")
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch_size, mesh)
     # The reference's eval resize for this model (crop_pct, interpolation), to the model's input size.
     transform = augment.eval_transform(data_config.augment, dataset.mean, dataset.std, size=model.img_size,
                                        model=model_name)
-    eval_step = train.make_eval_step(model, transform)
+    eval_step = evaluation.make_eval_step(model, transform)
     variables = jax.device_put(dict(variables), sharding.replicated(mesh))
     params = variables.pop("params")
-    return train.evaluate_split(eval_step, params, variables, dataset.test, batch_size, mesh)
+    return evaluation.evaluate_split(eval_step, params, variables, dataset.test, batch_size, mesh)
 
 
 def run(argv):

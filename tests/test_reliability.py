@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rsd_jax import checkpoint, models, train
+from rsd_jax import checkpoint, models, reliability, train
 from rsd_jax.errors import UserError
 from tiny import tiny_config
 
@@ -147,8 +147,8 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(config_file
 
 
 def test_too_little_disk_space_is_reported_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-    monkeypatch.setattr(train, "_StopSignals", None)      # the loop is never reached
+    monkeypatch.setattr(reliability.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    monkeypatch.setattr(reliability, "StopSignals", None)      # the loop is never reached
     with pytest.raises(UserError, match="MiB free .* checkpoint of this run needs"):
         train.train_and_evaluate(tiny_config("vanilla"), str(tmp_path / "full"))
     assert not os.path.exists(tmp_path / "full")
@@ -156,7 +156,7 @@ def test_too_little_disk_space_is_reported_before_training(tmp_path, monkeypatch
 
 def test_skip_nonfinite_steps_keeps_the_state_and_counts():
     run = train.build_run(tiny_config("vanilla"), jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
-    step_fn = train.guard_nonfinite(run.train_step, run.abstract_state)
+    step_fn = reliability.skip_nonfinite(run.train_step, run.abstract_state)
     state = run.init(jax.random.key(0))
     before = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]
     batch = run.train_batch(0)
@@ -314,12 +314,12 @@ def test_loop_bookkeeping_sums_the_metrics_and_keeps_the_first_nonfinite_step():
     losses = [1.0, 2.0, float("nan"), 4.0, float("inf")]
     for step, loss in enumerate(losses, start=10):
         metrics = {"loss": jnp.float32(loss), "lr": jnp.float32(0.5), "skipped": jnp.int32(step % 2)}
-        first_bad, sums = train._bookkeeping(first_bad, sums, metrics, step, watch_nonfinite=True)
+        first_bad, sums = reliability.bookkeeping(first_bad, sums, metrics, step, watch_nonfinite=True)
         if step == 11:
             assert not bool(first_bad["found"]) and float(sums["loss"]) == 3.0
     assert bool(first_bad["found"]) and int(first_bad["step"]) == 12 and np.isnan(float(first_bad["loss"]))
     assert float(sums["lr"]) == 2.5 and int(sums["skipped"]) == 2
-    unwatched, _ = train._bookkeeping(None, {}, metrics, 0, watch_nonfinite=False)
+    unwatched, _ = reliability.bookkeeping(None, {}, metrics, 0, watch_nonfinite=False)
     assert unwatched is None
 
 

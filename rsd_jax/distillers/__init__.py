@@ -1,6 +1,7 @@
 """Distillation methods. Each module `rsd_jax/distillers/<method>.py` has `default_config()` and a flax Module
-class with fields `config` (its config section) and `context` (a `Context`), whose
-`__call__(student_out, teacher_out, batch, train)` returns a dict of weighted loss terms.
+class (a `base.Method`) with fields `config` (its config section) and `context` (a `Context`), whose
+`__call__(student_out, teacher_out, batch, train)` returns a dict of weighted loss terms, and whose
+`example_batch(n)` gives the batch entries it reads, for initialisation.
 
 * `student_out`, `teacher_out`: the models' `(logits, features)`; the teacher's is constant.
 * `batch`: `label` (int, or soft (B, C) targets under mixup), `label_mask`, `index` (dataset indices).

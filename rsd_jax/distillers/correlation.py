@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from rsd_jax.distillers.base import Method
 from rsd_jax.models import layers
 
 
@@ -21,7 +22,7 @@ def correlation_loss(student_embed, teacher_embed, *, scale=0.02):
     return scale * jnp.mean(jnp.sum(delta[:-1] * delta[1:], axis=1))
 
 
-class Correlation(nn.Module):
+class Correlation(Method):
     config: ml_collections.ConfigDict
     context: object
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rsd_jax.distillers.base import Method
 from rsd_jax.models import layers
 
 NCE_EPS = 1e-7
@@ -55,9 +56,12 @@ def crd_scores(memory_rows, embedding, temperature):
     return jnp.exp(jnp.einsum("bkd,bd->bk", memory_rows, embedding) / temperature)
 
 
-class CRD(nn.Module):
+class CRD(Method):
     config: ml_collections.ConfigDict
     context: object
+
+    def example_batch(self, n):
+        return dict(super().example_batch(n), index=jnp.zeros((n,), jnp.int32))
 
     @nn.compact
     def __call__(self, student_out, teacher_out, batch, train: bool):

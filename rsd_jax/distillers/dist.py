@@ -4,10 +4,11 @@ With p = softmax(z / tau): inter = 1 - mean_b pearson_c(p_s[b], p_t[b]) (across 
 intra = 1 - mean_c pearson_b(p_s[:, c], p_t[:, c]) (across the batch, per class); L = tau^2 (beta inter +
 gamma intra). Pearson is the cosine of centred vectors with eps 1e-8 added to the product of norms.
 """
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from rsd_jax.distillers.base import Method
 
 
 def default_config():
@@ -29,7 +30,7 @@ def dist_loss(student_logits, teacher_logits, *, beta=1.0, gamma=1.0, tau=1.0):
     return tau * tau * (beta * inter + gamma * intra)
 
 
-class DIST(nn.Module):
+class DIST(Method):
     config: ml_collections.ConfigDict
     context: object
 

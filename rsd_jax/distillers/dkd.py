@@ -6,10 +6,11 @@ Both are times T^2 and batch means. Soft (B, C) labels are reduced to their argm
 Difference from the reference (spec §7.4): its forward reads attributes that do not exist and crashes; this is the
 intended method with `alpha`, `beta`, `temperature` from the config.
 """
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from rsd_jax.distillers.base import Method
 
 
 def default_config():
@@ -41,7 +42,7 @@ def dkd_loss(student_logits, teacher_logits, labels, *, alpha=1.0, beta=2.0, tem
     return (alpha * jnp.mean(tckd) + beta * jnp.mean(nckd)) * t * t
 
 
-class DKD(nn.Module):
+class DKD(Method):
     config: ml_collections.ConfigDict
     context: object
 

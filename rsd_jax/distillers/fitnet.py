@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from rsd_jax.distillers.base import Method
 from rsd_jax.distillers.ofa import BiasedConv, Dense, space_to_depth, split_prefix
 
 
@@ -67,7 +68,7 @@ class Aligner(nn.Module):
         return project(r * r * ct)(s), space_to_depth(t, r)
 
 
-class FitNet(nn.Module):
+class FitNet(Method):
     config: ml_collections.ConfigDict
     context: object
 

@@ -1,8 +1,9 @@
 """KD (Hinton et al.): KL(p_t || p_s) at temperature T, times T^2, mean over the batch (RSD_SPEC §2)."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from rsd_jax.distillers.base import Method
 
 
 def default_config():
@@ -17,7 +18,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=1.0):
     return jnp.mean(kl) * t * t
 
 
-class KD(nn.Module):
+class KD(Method):
     config: ml_collections.ConfigDict
     context: object
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rsd_jax.distillers.base import Method
 from rsd_jax.distillers.dkd import hard_labels
 from rsd_jax.models import layers
 from rsd_jax.models.vit import Block
@@ -143,7 +144,7 @@ class TokenBranch(nn.Module):
         return Dense(self.num_classes, name="head")(feature)
 
 
-class OFA(nn.Module):
+class OFA(Method):
     config: ml_collections.ConfigDict
     context: object
 

@@ -6,10 +6,11 @@ difference stays 0 and passes no gradient, where the reference's F.normalize(eps
 error). Both compared with smooth L1 (beta 1), mean over entries:
 L = distance_weight * sl1(d_s, d_t) + angle_weight * sl1(a_s, a_t). Features are flattened per example.
 """
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from rsd_jax.distillers.base import Method
 
 
 def default_config():
@@ -59,7 +60,7 @@ def rkd_loss(student_features, teacher_features, *, distance_weight=25.0, angle_
     return distance_weight * loss_d + angle_weight * loss_a
 
 
-class RKD(nn.Module):
+class RKD(Method):
     config: ml_collections.ConfigDict
     context: object
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rsd_jax.distillers.base import Method
 from rsd_jax.models import layers
 
 
@@ -67,7 +68,7 @@ class Projector(nn.Module):
         return nn.Dense(self.out_dim, use_bias=False, kernel_init=layers.trunc_normal_02, name="fc2")(x)
 
 
-class RSD(nn.Module):
+class RSD(Method):
     """The distiller's extra module and loss: projector + RSD loss on one feature of both models."""
     config: ml_collections.ConfigDict
     context: object

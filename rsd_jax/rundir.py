@@ -1,0 +1,120 @@
+"""A run's directory, apart from its checkpoints (`rsd_jax.checkpoint`): `config.json` (the config the checkpoints
+follow, and the resume check against it), `metrics.jsonl` (one line per epoch), `results.json`, and the exported
+model directories `student/` and `student_ema/`. Only process 0 writes these files; every write is atomic."""
+import json
+import os
+
+from rsd_jax import cli, models
+from rsd_jax.errors import UserError
+
+# What may change when a run resumes: how it is run, logged and checkpointed, where its inputs live, and the fixes
+# that the non-finite-loss error suggests. Any other difference from the run's config.json is refused.
+RESUMABLE_KEYS = frozenset({
+    "stop_after_epoch", "progress_bar", "log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps",
+    "eval_every_epochs", "data.data_dir", "data.eval_batch_size", "teacher.path", "skip_nonfinite_steps",
+    "optim.lr", "optim.clip_grad"})
+
+EXPORTS = ("student", "student_ema")     # the model directories a finished run writes
+
+
+def check_workdir(workdir):
+    """Fail early (before any compilation or writing) when the workdir cannot be created or written."""
+    cli.check_writable(workdir, f"workdir {workdir}")
+    for name in ("checkpoints",) + EXPORTS:     # the run's directories, if a file took their place
+        path = os.path.join(workdir, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{path} is a file, not the run's {name} directory; move it or use another workdir")
+
+
+def write_atomic(path, text):
+    """Write `text` to `path` through a temporary file and a rename, so that `path` is never half-written."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def read_run_config(config_path):
+    """A run's config.json as a dict; a UserError if it cannot be read as a JSON object."""
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_path} is unreadable: {e}") from None
+    return config
+
+
+def _flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def check_resume_config(config_path, config):
+    """Before resuming: the command's config (a JSON-like dict) against the run's config.json. Returns the changed
+    RESUMABLE_KEYS as 'key: old -> new' lines; a UserError for any other difference. Keys that only one side has
+    (options added or removed by another version) are not compared."""
+    if not os.path.exists(config_path):
+        return []     # written by a version that kept no config.json
+    stored, given = _flat(read_run_config(config_path)), _flat(config)
+    differ = sorted(k for k in set(stored) & set(given) if stored[k] != given[k])
+    refused = [k for k in differ if k not in RESUMABLE_KEYS]
+    if refused:
+        shown = "; ".join(f"{k}: {stored[k]!r} there, {given[k]!r} now" for k in refused[:3])
+        raise UserError(f"this workdir holds a run with another config ({shown}{'; ...' if len(refused) > 3 else ''}"
+                        f"); resume with the run's config ({config_path}) or use another workdir")
+    return [f"{k}: {stored[k]!r} -> {given[k]!r}" for k in differ]
+
+
+class RunDir:
+    """The files of the run in `workdir`; `primary` (process 0) writes them, the other processes only read."""
+
+    def __init__(self, workdir, primary):
+        self.workdir, self.primary = workdir, primary
+        self.config_path = os.path.join(workdir, "config.json")
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+    def start(self, config, resuming):
+        """Record the run's config: when `resuming`, first check it against config.json (returns the changed
+        settings as lines); a fresh start replaces a failed run's config.json."""
+        os.makedirs(self.workdir, exist_ok=True)
+        text = config.to_json_best_effort(indent=2, sort_keys=True)
+        changed = check_resume_config(self.config_path, json.loads(text)) if resuming else []
+        if self.primary:
+            write_atomic(self.config_path, text)
+        return changed
+
+    def truncate_metrics(self, step):
+        """Drop metrics.jsonl lines of steps after `step` (and any cut-off last line), so none is written twice:
+        an epoch's line is written before its checkpoint, so lines past the restored step are of steps that run
+        again."""
+        if not self.primary or not os.path.exists(self.metrics_path):
+            return
+        kept = []
+        with open(self.metrics_path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                    kept.append(json.dumps(record) + "\n")
+        write_atomic(self.metrics_path, "".join(kept))
+
+    def append_metrics(self, record):
+        if self.primary:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def finish(self, config, num_classes, exports, results):
+        """Write the model directories of `exports` ({name: (params, model_state)}) that do not exist yet, then
+        results.json (last, so that its presence means the run is complete)."""
+        if not self.primary:
+            return
+        for name, (params, model_state) in exports.items():
+            if not os.path.exists(os.path.join(self.workdir, name)):
+                models.save_model(os.path.join(self.workdir, name), config.student.model, num_classes,
+                                  dict(model_state, params=params), overrides=dict(config.student.overrides),
+                                  source=os.path.abspath(self.workdir))
+        write_atomic(os.path.join(self.workdir, "results.json"), json.dumps(results, indent=2))
