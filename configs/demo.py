@@ -1,7 +1,7 @@
 """The bundled demo: a small ViT teacher distilled into a small ResNet on scikit-learn's digits.
 
   python -m rsd_jax.main --config configs/demo.py --workdir workdirs/demo
-  python -m rsd_jax.main --config configs/demo.py:smoke --workdir /tmp/demo_smoke   # a minute, for CI
+  python -m rsd_jax.main --config configs/demo.py:smoke --workdir /tmp/demo_smoke   # tiny, for CI
 
 The students' cross-entropy sees the labels of only `data.labelled_fraction` of the training images; KD and RSD
 see every image through the teacher.

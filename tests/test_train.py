@@ -50,11 +50,16 @@ def test_eight_devices_match_one_device_with_statistics_groups(teacher_dir):
     assert len(state8.params["student"]["fc"]["kernel"].sharding.device_set) == 8
     for a, b in zip(leaves((state1.params, state1.model_state)), leaves((state8.params, state8.model_state))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(float(metrics1["rsd"]), float(metrics8["rsd"]), rtol=1e-5)
+    # Three chained steps let the rounding of the 8-way split reductions grow (a tiny net at gradient norm ~60):
+    # rsd 1.802624 vs 1.802590 (1.9e-5) on an AMD EPYC host, so the bound of the parameters above; one step agrees
+    # to float32 rounding.
+    np.testing.assert_allclose(float(metrics1["rsd"]), float(metrics8["rsd"]), rtol=1e-4)
+    _, grouped = run_steps(one, 1)
+    _, grouped8 = run_steps(eight, 1)
+    np.testing.assert_allclose(float(grouped["rsd"]), float(grouped8["rsd"]), rtol=3e-6)
     # The groups matter: whole-batch statistics give another loss.
     config.distill.group_size = 0
     _, whole = run_steps(train.build_run(config, Mesh(np.asarray(jax.devices()[:1]), ("data",))), 1)
-    _, grouped = run_steps(one, 1)
     assert abs(float(whole["rsd"]) - float(grouped["rsd"])) > 1e-3
 
 

@@ -47,8 +47,8 @@ def load(config):
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(num_examples, seed, epoch):
-    """The permutation of the training set used in `epoch` (read-only). Cached: drawing it for CIFAR's 50,000
-    images took 0.57 ms, most of the host's work on a batch."""
+    """The permutation of the training set used in `epoch` (read-only). Cached: redrawn per step it was most of the
+    host's work on a batch (README, Speed)."""
     order = np.random.default_rng([seed, epoch]).permutation(num_examples)
     order.setflags(write=False)
     return order

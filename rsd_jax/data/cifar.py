@@ -6,7 +6,7 @@
    (or the binary archive `cifar-100-binary.tar.gz`): `DIR/cifar100_rsd_jax/` with `{train,test}_images.npy`
    (N, 32, 32, 3) uint8 NHWC, `{train,test}_labels.npy` (N,) int32 fine labels, `{train,test}_coarse_labels.npy`
    and `info.json` (format name and version, counts, class names, the archive's name and checksums). Plain .npy:
-   loading all 60k images takes well under a second and needs neither TensorFlow nor pickle.
+   fast to load, and needs neither TensorFlow nor pickle.
 2. tensorflow-datasets' `cifar100` prepared into DIR (`DIR/cifar100/<version>/`): array_record files are read
    through `tfds.data_source` without TensorFlow; tfrecord files (tfds' default) need TensorFlow.
 
