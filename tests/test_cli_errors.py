@@ -40,8 +40,8 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("batch", [0, -8])
 def test_model_batch_size_must_be_positive(batch, tmp_path):
-    assert_one_line_error(evaluate("--model", tmp_path, "--dataset", "digits", "--batch-size", batch),
-                          "--batch-size must be positive")
+    assert_one_line_error(evaluate("--model", tmp_path, "--dataset", "digits", "--batch_size", batch),
+                          "--batch_size must be positive")
 
 
 @pytest.mark.parametrize("text", ["{bad", "[1, 2]"])
