@@ -138,7 +138,7 @@ def test_bad_archives_are_one_line_errors_and_write_nothing(tmp_path):
     for what, archive in bad.items():
         out = tmp_path / f"out_{what}"
         if what == "truncated":
-            r = _run_prepare("--archive", archive, "--data-dir", out)
+            r = _run_prepare("--archive", archive, "--data_dir", out)
             assert r.returncode == 2 and r.stdout == "", (what, r)
             assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (what, r.stderr)
         else:
