@@ -1,27 +1,28 @@
 """PyTorch baseline for `python -m rsd_jax.bench`: the reference's distillation step, eager, on the same machine.
 
-    python -m bench.torch_bench --config configs/swin_resnet18.py --batch 16 --steps 5 [--amp] [--json]
+    python -m bench.torch_bench --config configs/swin_resnet18.py --batch 16 --steps 5 [--amp] [--json] [--config.x=y]
 
 timm models (random init, the config's student and teacher), the teacher in eval mode under no_grad, the student
 and the RSD projector in train mode, CE with label smoothing + RSD from the formula on the pre-logits (one loss per
 `distill.group_size` group, as the reference's DDP ranks, run one after the other here), SGD-Nesterov with the
 reference's weight-decay rule. Inputs are already-augmented float batches on the device: the reference augments on
 the CPU in its data loader workers, so augmentation is not part of its step (rsd_jax's step includes it).
-`--amp` runs the forward passes under torch.autocast (bfloat16 by default; `--amp-dtype float16` adds a GradScaler
+`--amp` runs the forward passes under torch.autocast (bfloat16 by default; `--amp_dtype float16` adds a GradScaler
 like the reference's native AMP). cudnn.benchmark is on, as in the reference's train.py. `--tf32` lets float32
 matrix products use TF32, as cuDNN's convolutions already do by default and as JAX's float32 default precision
 does on a GPU (torch's default, and the reference's, is full float32 for them).
 """
-import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
+from absl import flags
 
 from bench import torch_distillers, torch_reference as ref
-from rsd_jax.bench import _SOURCES, bench_config, load_config
+from rsd_jax import cli
+from rsd_jax.bench import _SOURCES, bench_config
+from rsd_jax.errors import UserError
 
 
 def build(config, device, channels_last=False):
@@ -114,26 +115,37 @@ def run_bench(config, steps=5, warmup=2, amp=False, amp_dtype="bfloat16", channe
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="configs/FILE.py[:arg]")
-    parser.add_argument("--batch", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--amp", action="store_true")
-    parser.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--tf32", action="store_true", help="float32 matrix products in TF32 (JAX's GPU default)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    config = bench_config(load_config(args.config), args.batch)
+USAGE = ("python -m bench.torch_bench --config configs/FILE.py[:arg] [--batch N] [--steps N] [--amp] "
+         "[--amp_dtype bfloat16|float16] [--channels_last] [--tf32] [--json] [--config.x=y]")
+
+
+def define_flags(FLAGS):
+    flags.DEFINE_integer("batch", 0, "global batch (default, 0: the config's)", flag_values=FLAGS)
+    flags.DEFINE_integer("steps", 5, "timed steps after two warm-up steps", flag_values=FLAGS)
+    flags.DEFINE_bool("amp", False, "forward passes under torch.autocast", flag_values=FLAGS)
+    flags.DEFINE_enum("amp_dtype", "bfloat16", ["bfloat16", "float16"], "autocast dtype (float16 adds a GradScaler)",
+                      flag_values=FLAGS)
+    flags.DEFINE_bool("channels_last", False, "channels-last memory format", flag_values=FLAGS)
+    flags.DEFINE_bool("tf32", False, "float32 matrix products in TF32 (JAX's GPU default)", flag_values=FLAGS)
+    flags.DEFINE_bool("json", False, "one machine-readable line", flag_values=FLAGS)
+
+
+def run(FLAGS, args):
+    del args
+    config = bench_config(FLAGS.config, FLAGS.batch)
     if config.distill.method != "rsd":
-        sys.exit(f"error: the torch baseline implements RSD only, the config's method is {config.distill.method}")
-    r = run_bench(config, args.steps, amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
-                  tf32=args.tf32)
-    print(json.dumps(r) if args.json else
+        raise UserError(f"the torch baseline implements RSD only, the config's method is {config.distill.method}")
+    r = run_bench(config, FLAGS.steps, amp=FLAGS.amp, amp_dtype=FLAGS.amp_dtype, channels_last=FLAGS.channels_last,
+                  tf32=FLAGS.tf32)
+    print(json.dumps(r) if FLAGS.json else
           f"torch {r['teacher']} -> {r['student']} {r['dtype']} batch {r['batch']} at {r['image_size']}: "
           f"{r['images_per_s']:.1f} images/s ({r['step_ms']:.1f} ms/step) on {r['device']}")
     return r
+
+
+def main(argv=None):
+    return cli.run_main(run, argv, define=define_flags, config=True, required=("config",), usage=USAGE,
+                        compile_cache=False)
 
 
 if __name__ == "__main__":

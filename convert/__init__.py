@@ -29,16 +29,18 @@ def signals_exit():
             signal.signal(s, handler)
 
 
-def run_cli(parser, run, argv=None):
-    """The converter CLIs' main: run(parsed args); a user error (rsd_jax's UserError, a ConversionError) is one line
-    on stderr and exit status 2."""
+def cli_main(run, argv, **kwargs):
+    """The converter CLIs' main: `rsd_jax.cli.run_main(run, argv, **kwargs)` returning the exit status, with SIGTERM
+    and SIGINT raising SystemExit while `run` runs, and core's ConversionError (numpy-only, so not a UserError) the
+    user's: a checkpoint that does not fit."""
     from convert import core
+    from rsd_jax import cli
     from rsd_jax.errors import UserError
-    args = parser().parse_args(argv)
-    try:
+
+    def guarded(FLAGS, args):
         with signals_exit():
-            run(args)
-    except (UserError, core.ConversionError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+            try:
+                return run(FLAGS, args)
+            except core.ConversionError as e:
+                raise UserError(str(e)) from None
+    return cli.run_main(guarded, argv, status=True, **kwargs)

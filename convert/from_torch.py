@@ -1,19 +1,18 @@
 """Convert a timm / reference PyTorch checkpoint into a Flax model directory.
 
-    python -m convert.from_torch CKPT.pth --out DIR [--model NAME] [--num-classes N] [--use-ema]
+    python -m convert.from_torch CKPT.pth --out DIR [--model NAME] [--num_classes N] [--use_ema]
                                  [--override KEY=VALUE ...] [--verify]
 
 Reads raw state_dicts and the wrappers timm and the reference write (`state_dict`, `state_dict_ema`, `model`;
 `module.` and `_orig_mod.` prefixes), in the timm 0.6.x or 1.x layout, without executing code from the file
 (`torch.load(weights_only=True)`; Python objects other than tensors, such as the reference's argparse Namespace,
-load as inert placeholders). Without --model/--num-classes they are inferred from the keys and shapes. `--override`
+load as inert placeholders). Without --model/--num_classes they are inferred from the keys and shapes. `--override`
 sets architecture options the checkpoint was built with (e.g. `--override num_heads=4`; inferred where the shapes
 tell). The output (`rsd_jax.models.load_model(DIR)`) holds params and batch_stats plus model.json: model name,
 num_classes, overrides, source path and SHA-256, detected layout.
 
 Library use: `convert_state_dict(state_dict, model_name, num_classes=None) -> variables`.
 """
-import argparse
 import ast
 import hashlib
 import os
@@ -22,8 +21,9 @@ import time
 import zipfile
 
 import numpy as np
+from absl import flags
 
-from convert import check_out, core, run_cli
+from convert import check_out, cli_main, core
 from rsd_jax import models
 from rsd_jax.errors import UserError
 
@@ -104,9 +104,9 @@ def extract_state_dict(obj, use_ema=False):
                            "(save `model.state_dict()`, not the model)")
     if use_ema:
         if _is_state_dict(obj):
-            raise ConvertError("--use-ema: the file is a plain state_dict, with no 'state_dict_ema'")
+            raise ConvertError("--use_ema: the file is a plain state_dict, with no 'state_dict_ema'")
         if "state_dict_ema" not in obj:
-            raise ConvertError(f"--use-ema: no 'state_dict_ema' in the checkpoint (keys: {_keys(obj)})")
+            raise ConvertError(f"--use_ema: no 'state_dict_ema' in the checkpoint (keys: {_keys(obj)})")
         candidates = ["state_dict_ema"]
     else:
         candidates = [k for k in ("state_dict", "model") if k in obj]
@@ -243,7 +243,7 @@ def convert(state_dict, model_name, num_classes=None, overrides=None):
     num_classes = num_classes if num_classes is not None else found
     if num_classes is None:
         raise ConvertError(f"cannot find the classifier of {model_name} in the checkpoint to count its classes; "
-                           "pass --num-classes")
+                           "pass --num_classes")
     shapes = template(model_name, num_classes, overrides)
     try:
         variables = core.state_dict_to_variables(state_dict, shapes, table)
@@ -292,30 +292,34 @@ def parse_overrides(items):
     return out
 
 
-def parser():
-    p = argparse.ArgumentParser(prog="python -m convert.from_torch", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="a .pth/.pth.tar/.bin file written by torch.save")
-    p.add_argument("--out", required=True, help="output model directory (must not exist)")
-    p.add_argument("--model", help=f"model name (inferred if omitted): {', '.join(models.list_models())}")
-    p.add_argument("--num-classes", type=int, help="class count (inferred if omitted; checked if given)")
-    p.add_argument("--use-ema", action="store_true", help="convert 'state_dict_ema' instead of 'state_dict'")
-    p.add_argument("--override", action="append", metavar="KEY=VALUE",
-                   help="architecture option the checkpoint was built with (repeatable)")
-    p.add_argument("--verify", action="store_true",
-                   help="compare logits and pre-logits with timm on a random input (needs timm)")
-    return p
+USAGE = ("python -m convert.from_torch CKPT.pth --out DIR [--model NAME] [--num_classes N] [--use_ema] "
+         "[--override KEY=VALUE ...] [--verify]")
 
 
-def run(args):
+def define_flags(FLAGS):
+    flags.DEFINE_string("out", None, "output model directory (must not exist)", flag_values=FLAGS)
+    flags.DEFINE_string("model", None, f"model name (inferred if omitted): {', '.join(models.list_models())}",
+                        flag_values=FLAGS)
+    flags.DEFINE_integer("num_classes", None, "class count (inferred if omitted; checked if given)",
+                         flag_values=FLAGS)
+    flags.DEFINE_bool("use_ema", False, "convert 'state_dict_ema' instead of 'state_dict'", flag_values=FLAGS)
+    flags.DEFINE_multi_string("override", [], "KEY=VALUE: architecture option the checkpoint was built with",
+                              flag_values=FLAGS)
+    flags.DEFINE_bool("verify", False, "compare logits and pre-logits with timm on a random input (needs timm)",
+                      flag_values=FLAGS)
+
+
+def run(FLAGS, positional):
+    (checkpoint,) = positional
     start = time.perf_counter()
-    check_out(args.out)
-    out = os.path.abspath(args.out)
-    explicit = parse_overrides(args.override)
-    obj = load_checkpoint(args.checkpoint)
-    state_dict, found_in = extract_state_dict(obj, args.use_ema)
+    check_out(FLAGS.out)
+    out = os.path.abspath(FLAGS.out)
+    explicit = parse_overrides(FLAGS.override)
+    obj = load_checkpoint(checkpoint)
+    state_dict, found_in = extract_state_dict(obj, FLAGS.use_ema)
     state_dict = strip_prefixes(state_dict)
 
-    name, overrides = args.model, dict(explicit)
+    name, overrides = FLAGS.model, dict(explicit)
     if name is None:
         name, inferred_classes, inferred = infer_model(state_dict)
         overrides = {**inferred, **explicit}
@@ -338,16 +342,16 @@ def run(args):
         if inferred_name == name and inferred:
             overrides = {**inferred, **explicit}
             print(f"inferred overrides for {name}: {inferred}")
-    variables, info = convert(state_dict, name, args.num_classes, overrides)
-    if args.num_classes is None and args.model is not None:
+    variables, info = convert(state_dict, name, FLAGS.num_classes, overrides)
+    if FLAGS.num_classes is None and FLAGS.model is not None:
         print(f"inferred num_classes: {info['num_classes']}")
-    if args.verify:
+    if FLAGS.verify:
         from convert import verify
         verify.check(name, info["num_classes"], info["overrides"], variables)
     models.save_model(out, name, info["num_classes"], variables, overrides=info["overrides"],
-                      source=os.path.abspath(args.checkpoint), source_entry=found_in,
-                      source_sha256=file_sha256(args.checkpoint), layout=info["layout"])
-    print(f"wrote {args.out}: {_describe(name, info['overrides'])}, {info['num_classes']} classes, "
+                      source=os.path.abspath(checkpoint), source_entry=found_in,
+                      source_sha256=file_sha256(checkpoint), layout=info["layout"])
+    print(f"wrote {FLAGS.out}: {_describe(name, info['overrides'])}, {info['num_classes']} classes, "
           f"{len(state_dict)} tensors from {found_in}, layout {info['layout']} "
           f"({time.perf_counter() - start:.1f} s)")
 
@@ -360,7 +364,7 @@ def _family_or_error(name):
 
 
 def main(argv=None):
-    return run_cli(parser, run, argv)
+    return cli_main(run, argv, define=define_flags, args=("CKPT.pth",), required=("out",), usage=USAGE)
 
 
 if __name__ == "__main__":

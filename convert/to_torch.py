@@ -6,14 +6,14 @@ DIR is a model directory (converter output, or a trained model) or a training wo
 .pth file is a plain state_dict in the timm 1.x layout for `timm.create_model(name, num_classes=N, **kwargs)`,
 where kwargs translate the model's non-default options (printed; a model timm cannot build is refused).
 """
-import argparse
 import os
 import sys
 import tempfile
 
 import numpy as np
+from absl import flags
 
-from convert import check_out, core, run_cli, verify
+from convert import check_out, cli_main, core, verify
 from rsd_jax import model_dir, models
 from rsd_jax.errors import UserError
 
@@ -67,9 +67,9 @@ def _call(name, num_classes, kwargs):
     return f"timm.create_model({name!r}, num_classes={num_classes}{args})"
 
 
-def run(args):
-    check_out(args.out)
-    directory = model_directory(args.dir)
+def run(FLAGS, positional):
+    check_out(FLAGS.out)
+    directory = model_directory(positional[0])
     state_dict, meta, kwargs, variables = export(directory)
     name, num_classes, overrides = meta["model"], meta["num_classes"], meta.get("overrides") or {}
     try:
@@ -79,31 +79,31 @@ def run(args):
         have_timm = False
     if have_timm:   # refuse a state_dict that timm would not load
         verify.timm_model(name, num_classes, overrides, state_dict)
-    elif args.verify:
+    elif FLAGS.verify:
         raise ExportError("--verify needs timm (pip install -e '.[convert]')")
-    if args.verify:
+    if FLAGS.verify:
         verify.check(name, num_classes, overrides, variables)
-    save_state_dict(state_dict, args.out)
+    save_state_dict(state_dict, FLAGS.out)
     registered = not hasattr(core.family_table(models.family_of(name)), "create_timm") or (
         have_timm and name in timm.list_models() and not kwargs)
     build = _call(name, num_classes, kwargs) if registered else \
         f"convert.verify.create_timm({name!r}, {num_classes}, {overrides!r})   # not a registered timm entry point"
-    print(f"wrote {args.out} ({len(state_dict)} tensors) from {directory}; load it with\n"
+    print(f"wrote {FLAGS.out} ({len(state_dict)} tensors) from {directory}; load it with\n"
           f"  model = {build}\n"
-          f"  model.load_state_dict(torch.load({args.out!r}), strict=True)"
+          f"  model.load_state_dict(torch.load({FLAGS.out!r}), strict=True)"
           + ("" if have_timm else "\n(timm is not installed here, so the load was not checked)"))
 
 
-def parser():
-    p = argparse.ArgumentParser(prog="python -m convert.to_torch", description=__doc__.split("\n\n")[0])
-    p.add_argument("dir", help="model directory, or a training workdir containing student/")
-    p.add_argument("--out", required=True, help="output .pth file (must not exist)")
-    p.add_argument("--verify", action="store_true", help="compare logits and pre-logits with timm")
-    return p
+USAGE = "python -m convert.to_torch DIR --out model.pth [--verify]"
+
+
+def define_flags(FLAGS):
+    flags.DEFINE_string("out", None, "output .pth file (must not exist)", flag_values=FLAGS)
+    flags.DEFINE_bool("verify", False, "compare logits and pre-logits with timm", flag_values=FLAGS)
 
 
 def main(argv=None):
-    return run_cli(parser, run, argv)
+    return cli_main(run, argv, define=define_flags, args=("DIR",), required=("out",), usage=USAGE)
 
 
 if __name__ == "__main__":

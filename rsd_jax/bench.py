@@ -1,5 +1,5 @@
 """Throughput of the full distillation step: `python -m rsd_jax.bench --config configs/swin_resnet18.py [--batch N]
-[--steps N] [--dtype float32|bfloat16] [--json]`.
+[--steps N] [--dtype float32|bfloat16] [--json] [--config.x=y]`.
 
 The step timed is the training step itself (on-device augmentation, teacher forward, student forward and
 backward, RSD, optimizer update), with a random teacher (teacher.path=random) and one synthetic uint8 batch at
@@ -7,18 +7,20 @@ the dataset's source resolution kept on the device, so no dataset and no host in
 Reported: images/s, compile time, FLOPs per step (XLA's cost analysis of the compiled step), peak device memory
 where the backend reports it, and MFU against the chip's dense bf16 peak where it is known.
 
-`python -m rsd_jax.bench --compare-torch --config ... --batch N` runs this bench and the PyTorch baseline
+`python -m rsd_jax.bench --compare_torch --config ... --batch N` runs this bench and the PyTorch baseline
 (bench/torch_bench.py, the reference's step) alternately in fresh processes and prints the ratio.
 """
-import argparse
-import importlib.machinery
-import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+
+from absl import flags
+
+from rsd_jax import cli
+from rsd_jax.errors import UserError
 
 # Dense bf16 peak per chip (FLOP/s); H200 is the H100 chip with more memory.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -27,24 +29,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 _SOURCES = {"cifar100": (100, 32), "digits": (10, None), "imagenet2012": (1000, None), "imagenet": (1000, None)}
 
 
-def load_config(spec):
-    """`FILE.py[:arg]` -> the file's get_config(arg); a missing file or one that fails is a UserError."""
-    from rsd_jax.cli import config_file, one_line
-    from rsd_jax.errors import UserError
-    path, arg = config_file(spec), spec.partition(":")[2]
-    loader = importlib.machinery.SourceFileLoader("bench_config", path)   # whatever the file's extension
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bench_config", loader))
-    sys.path.insert(0, os.getcwd())
-    try:
-        loader.exec_module(module)
-        return module.get_config(arg or None)
-    except Exception as e:  # the config file's own errors, e.g. an unknown argument, are the user's
-        raise UserError(f"--config {spec}: {one_line(e)}") from None
-
-
 def check_args(args):
     """Counts in range before anything is built: 0 or less would divide by zero or time nothing."""
-    from rsd_jax.errors import UserError
     for flag in ("batch", "steps", "repeats"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -301,9 +287,18 @@ def format_result(r):
     return " | ".join(parts)
 
 
+def config_args(FLAGS):
+    """--config and its --config.x=y overrides as given (absl's serialization), for a child process."""
+    from ml_collections import config_flags
+    flag = FLAGS["config"]
+    overrides = [line for path in config_flags.get_override_values(flag)
+                 for line in FLAGS[f"config.{path}"].serialize().splitlines()]
+    return ["--config", config_flags.get_config_filename(flag), *overrides]
+
+
 def compare_torch(args):
     """JAX and torch benches alternately in fresh processes; the ratio of their median images/s."""
-    common = ["--config", args.config, "--steps", str(args.steps), "--json"] + \
+    common = [*config_args(args), "--steps", str(args.steps), "--json"] + \
         (["--batch", str(args.batch)] if args.batch is not None else [])
     jax_cmd = [sys.executable, "-m", "rsd_jax.bench", "--dtype", args.dtype] + common
     torch_cmd = [sys.executable, "-m", "bench.torch_bench"] + common + (["--amp"] if args.dtype == "bfloat16" else [])
@@ -328,34 +323,40 @@ def compare_torch(args):
     return summary
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="configs/FILE.py[:arg]")
-    parser.add_argument("--batch", type=int, help="global batch (default: the config's)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--json", action="store_true", help="one machine-readable line")
-    parser.add_argument("--breakdown", action="store_true", help="also time augmentation, teacher forward and "
-                        "student forward+backward alone")
-    parser.add_argument("--profile", type=int, default=0, metavar="N", help="trace N more steps and add the "
-                        "device time per kernel and per model scope (`profile` in the JSON line)")
-    parser.add_argument("--compare-torch", action="store_true", help="alternate with bench.torch_bench")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each with --compare-torch")
-    args = parser.parse_args(argv)
-    from rsd_jax.errors import UserError
-    try:   # no persistent compilation cache here (unless the environment sets one): compile_s is a real compile
-        check_args(args)
-        if args.compare_torch:
-            return compare_torch(args)
-        config = bench_config(load_config(args.config), args.batch, args.dtype)
-        result = run_bench(config, steps=args.steps, profile=args.profile)
-        if args.breakdown:
-            result.update(breakdown(config, steps=args.steps))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(result) if args.json else format_result(result))
+USAGE = ("python -m rsd_jax.bench --config configs/FILE.py[:arg] [--batch N] [--steps N] [--dtype float32|bfloat16] "
+         "[--json] [--breakdown] [--profile N] [--compare_torch [--repeats N]] [--config.x=y]")
+
+
+def define_flags(FLAGS):
+    flags.DEFINE_integer("batch", None, "global batch (default: the config's)", flag_values=FLAGS)
+    flags.DEFINE_integer("steps", 5, "timed steps after one warm-up step", flag_values=FLAGS)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype", flag_values=FLAGS)
+    flags.DEFINE_bool("json", False, "one machine-readable line", flag_values=FLAGS)
+    flags.DEFINE_bool("breakdown", False, "also time augmentation, teacher forward and student forward+backward alone",
+                      flag_values=FLAGS)
+    flags.DEFINE_integer("profile", 0, "trace N more steps and add the device time per kernel and per model scope "
+                         "(`profile` in the JSON line)", flag_values=FLAGS)
+    flags.DEFINE_bool("compare_torch", False, "alternate with bench.torch_bench", flag_values=FLAGS)
+    flags.DEFINE_integer("repeats", 2, "runs of each with --compare_torch", flag_values=FLAGS)
+
+
+def run(FLAGS, args):
+    del args
+    check_args(FLAGS)
+    if FLAGS.compare_torch:
+        return compare_torch(FLAGS)
+    config = bench_config(FLAGS.config, FLAGS.batch, FLAGS.dtype)
+    result = run_bench(config, steps=FLAGS.steps, profile=FLAGS.profile)
+    if FLAGS.breakdown:
+        result.update(breakdown(config, steps=FLAGS.steps))
+    print(json.dumps(result) if FLAGS.json else format_result(result))
     return result
+
+
+def main(argv=None):
+    # No persistent compilation cache here (unless the environment sets one): compile_s is a real compile.
+    return cli.run_main(run, argv, define=define_flags, config=True, required=("config",), usage=USAGE,
+                        compile_cache=False)
 
 
 if __name__ == "__main__":

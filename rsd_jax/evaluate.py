@@ -1,7 +1,7 @@
 """Evaluate a run's student, restored from its orbax checkpoints, or any model directory:
 
   python -m rsd_jax.evaluate --workdir DIR [--which latest|best] [--json]
-  python -m rsd_jax.evaluate --model DIR --dataset cifar100 --data-dir DATA [--batch-size 128] [--json]
+  python -m rsd_jax.evaluate --model DIR --dataset cifar100 --data_dir DATA [--batch_size 128] [--json]
 
 prints top-1 and top-5 (percent) and the mean cross-entropy on the test split: with the run's own config, or, for a
 model directory (converter output, a run's <workdir>/student), with the reference's eval transform for that model.
@@ -17,13 +17,20 @@ from rsd_jax import checkpoint, cli, data, evaluation, model_dir, models, rundir
 from rsd_jax.data import augment
 from rsd_jax.errors import CheckpointError, UserError
 
-flags.DEFINE_string("workdir", None, "A training run's directory.")
-flags.DEFINE_string("model", None, "A model directory (instead of --workdir).")
-flags.DEFINE_string("dataset", "cifar100", "With --model: the dataset (data.name) whose test split to use.")
-flags.DEFINE_string("data-dir", "", "With --model: the dataset's directory (data.data_dir).")
-flags.DEFINE_integer("batch-size", 128, "With --model: the global eval batch.")
-flags.DEFINE_enum("which", "latest", ["latest", "best"], "Which checkpoint to evaluate.")
-flags.DEFINE_bool("json", False, "Print one JSON line {\"top1\": .., \"top5\": .., \"loss\": ..}.")
+USAGE = ("python -m rsd_jax.evaluate --workdir DIR [--which latest|best] [--json]  or  "
+         "--model DIR --dataset cifar100 --data_dir DATA [--batch_size N] [--json]")
+
+
+def define_flags(FLAGS):
+    flags.DEFINE_string("workdir", None, "A training run's directory.", flag_values=FLAGS)
+    flags.DEFINE_string("model", None, "A model directory (instead of --workdir).", flag_values=FLAGS)
+    flags.DEFINE_string("dataset", "cifar100", "With --model: the dataset (data.name) whose test split to use.",
+                        flag_values=FLAGS)
+    flags.DEFINE_string("data_dir", "", "With --model: the dataset's directory (data.data_dir).", flag_values=FLAGS)
+    flags.DEFINE_integer("batch_size", 128, "With --model: the global eval batch.", flag_values=FLAGS)
+    flags.DEFINE_enum("which", "latest", ["latest", "best"], "Which checkpoint to evaluate.", flag_values=FLAGS)
+    flags.DEFINE_bool("json", False, "Print one JSON line {\"top1\": .., \"top5\": .., \"loss\": ..}.",
+                      flag_values=FLAGS)
 
 
 def evaluate_workdir(workdir, which="latest"):
@@ -71,26 +78,24 @@ def evaluate_model(directory, dataset="cifar100", data_dir="", batch_size=128):
     return evaluation.evaluate_split(eval_step, params, variables, dataset.test, batch_size, mesh)
 
 
-def run(argv):
-    del argv
-    f = flags.FLAGS
-    if bool(f.workdir) == bool(f.model):
-        raise UserError("usage: python -m rsd_jax.evaluate --workdir DIR [--which latest|best] [--json]  or  "
-                        "--model DIR --dataset cifar100 --data-dir DATA [--batch-size N] [--json]")
-    if f["batch-size"].value < 1:
-        raise UserError("--batch-size must be positive")
-    if f.model:
-        result = evaluate_model(f.model, f.dataset, f["data-dir"].value, f["batch-size"].value)
+def run(FLAGS, args):
+    del args
+    if bool(FLAGS.workdir) == bool(FLAGS.model):
+        raise UserError(f"usage: {USAGE}")
+    if FLAGS.batch_size < 1:
+        raise UserError("--batch_size must be positive")
+    if FLAGS.model:
+        result = evaluate_model(FLAGS.model, FLAGS.dataset, FLAGS.data_dir, FLAGS.batch_size)
     else:
-        result = evaluate_workdir(f.workdir, f.which)
-    if flags.FLAGS.json:
+        result = evaluate_workdir(FLAGS.workdir, FLAGS.which)
+    if FLAGS.json:
         print(json.dumps(result))
     else:
         print(f"top1 {result['top1']:.2f} | top5 {result['top5']:.2f} | loss {result['loss']:.4f}")
 
 
-def main():
-    cli.run_main(run)
+def main(argv=None):
+    cli.run_main(run, argv, define=define_flags, usage=USAGE)
 
 
 if __name__ == "__main__":

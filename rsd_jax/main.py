@@ -7,24 +7,27 @@ JAX_PROCESS_ID in the environment).
 """
 import jax
 from absl import flags
-from ml_collections import config_flags
 
 from rsd_jax import cli
 from rsd_jax.errors import UserError
 
-config_flags.DEFINE_config_file("config", None, "Python config file, optionally FILE.py:arg.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for a run over several processes.")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
-flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator).")
-flags.DEFINE_bool("distributed", False, "Initialise several processes from the environment (SLURM, JAX_* vars).")
+USAGE = "python -m rsd_jax.main --config configs/FILE.py[:arg] --workdir DIR [--config.x=y]"
 
 
-def run(argv):
-    del argv
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if config is None or not workdir:
-        raise UserError("usage: python -m rsd_jax.main --config configs/FILE.py[:arg] --workdir DIR")
+def define_flags(FLAGS):
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.", flag_values=FLAGS)
+    flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for a run over several processes.",
+                        flag_values=FLAGS)
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).", flag_values=FLAGS)
+    flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator).",
+                         flag_values=FLAGS)
+    flags.DEFINE_bool("distributed", False, "Initialise several processes from the environment (SLURM, JAX_* vars).",
+                      flag_values=FLAGS)
+
+
+def run(FLAGS, args):
+    del args
+    config, workdir = FLAGS.config, FLAGS.workdir
     if config.program == "demo":
         from rsd_jax import demo
         if demo.run(config, workdir) is None:
@@ -32,8 +35,7 @@ def run(argv):
         return
     if config.program != "train":
         raise UserError(f"unknown program {config.program!r}; known: train, demo")
-    cli.init_distributed(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id,
-                         flags.FLAGS.distributed)
+    cli.init_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed)
     from rsd_jax import train
     results = train.train_and_evaluate(config, workdir)
     if results is None:
@@ -43,8 +45,8 @@ def run(argv):
               f"| best top1 {results['best_top1']:.2f}")
 
 
-def main():
-    cli.run_main(run)
+def main(argv=None):
+    cli.run_main(run, argv, define=define_flags, config=True, required=("config", "workdir"), usage=USAGE)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -46,14 +47,42 @@ def test_bench_runs_at_smoke_size_and_reports_its_fields():
     (["--config", f"{PAIR}:smoke", "--steps", "0"], "--steps must be positive"),
     (["--config", f"{PAIR}:smoke", "--steps", "-1"], "--steps must be positive"),
     (["--config", f"{PAIR}:smoke", "--profile", "-1"], "--profile must not be negative"),
-    (["--config", f"{PAIR}:smoke", "--compare-torch", "--repeats", "0"],
+    (["--config", f"{PAIR}:smoke", "--compare_torch", "--repeats", "0"],
      "--repeats must be positive"),
+    (["--config", f"{PAIR}:smoke", "--config.distill.rsd.kapa=0.02"],
+     "unknown config key 'distill.rsd.kapa' (did you mean 'distill.rsd.kappa'?)"),
+    (["--config", f"{PAIR}:smoke", "--config.distill.rsd.kappa=small"], "could not convert string to float"),
 ])
 def test_bad_command_line_is_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
         bench.main(args)
     err = capsys.readouterr().err.strip()
     assert exit.value.code == 2 and err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+def test_config_overrides_reach_the_bench_and_both_sides_of_compare_torch(monkeypatch, capsys):
+    # The bench takes --config FILE[:arg] --config.x=y as training does; run_bench and the child processes are
+    # stand-ins, so only the command line is under test.
+    seen = []
+
+    def fake_bench(config, **kwargs):
+        seen.append(config)
+        return {"kappa": config.distill.rsd.kappa}
+    monkeypatch.setattr(bench, "run_bench", fake_bench)
+    args = ["--config", f"{PAIR}:smoke", "--batch", "16", "--json", "--config.distill.rsd.kappa=0.02"]
+    assert bench.main(args) == {"kappa": 0.02}
+    assert json.loads(capsys.readouterr().out) == {"kappa": 0.02} and seen[0].data.batch_size == 16
+    assert bench.main(args[:-1])["kappa"] != 0.02       # the file's own value: the override made the difference
+
+    commands = []
+
+    def child(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"images_per_s": 1.0, "step_ms": 1.0}), stderr="")
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    bench.main(args + ["--compare_torch", "--repeats", "1"])
+    assert [c[2] for c in commands] == ["rsd_jax.bench", "bench.torch_bench"]
+    assert all("--config.distill.rsd.kappa=0.02" in c and f"{PAIR}:smoke" in c for c in commands), commands
 
 
 def test_flops_of_a_program_its_backend_does_not_analyse_come_from_the_cpu_client():

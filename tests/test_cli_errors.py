@@ -1,4 +1,5 @@
-"""`python -m rsd_jax.evaluate` on bad input: one `error:` line and exit status 2, never a traceback."""
+"""`python -m rsd_jax.evaluate` and `rsd_jax.main` on bad input: one `error:` line and exit status 2, never a
+traceback."""
 import json
 import os
 
@@ -39,8 +40,8 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("batch", [0, -8])
 def test_model_batch_size_must_be_positive(batch, tmp_path):
-    assert_one_line_error(evaluate("--model", tmp_path, "--dataset", "digits", "--batch-size", batch),
-                          "--batch-size must be positive")
+    assert_one_line_error(evaluate("--model", tmp_path, "--dataset", "digits", "--batch_size", batch),
+                          "--batch_size must be positive")
 
 
 @pytest.mark.parametrize("text", ["{bad", "[1, 2]"])
@@ -56,3 +57,12 @@ def test_checkpoint_that_does_not_fit_the_config_json(workdir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert_one_line_error(evaluate("--workdir", tmp_path), "does not fit: shape mismatch (checkpoint vs model): ")
     assert evaluate("--workdir", workdir).returncode == 0      # the same checkpoint with its own config
+
+
+def test_unknown_config_key_names_the_key_and_the_nearest_one(tmp_path):
+    # ml_collections' KeyError text (quotes, a newline, "Did you mean") must not leak into the message.
+    out = run_cli("rsd_jax.main", "--config", "configs/demo.py:smoke", "--workdir", str(tmp_path / "run"),
+                  "--config.students=3")
+    assert_one_line_error(out, "unknown config key 'students' (did you mean 'student'?)")
+    assert out.stderr.strip() == "error: unknown config key 'students' (did you mean 'student'?)"
+    assert not (tmp_path / "run").exists()

@@ -219,7 +219,7 @@ def test_reference_training_checkpoint_and_ema(tmp_path, capsys):
     ckpt["arch"] = "resnet18"
     torch.save(ckpt, tmp_path / "last.pth.tar")
     assert cli(from_torch, tmp_path / "last.pth.tar", "--out", tmp_path / "plain") == 0
-    assert cli(from_torch, tmp_path / "last.pth.tar", "--out", tmp_path / "ema", "--use-ema") == 0
+    assert cli(from_torch, tmp_path / "last.pth.tar", "--out", tmp_path / "ema", "--use_ema") == 0
     assert_parity(student, *models.load_model(tmp_path / "plain"), batch=2, seed=3)
     assert_parity(ema, *models.load_model(tmp_path / "ema"), batch=2, seed=3)
     meta = model_dir.read_model_metadata(tmp_path / "ema")
@@ -332,8 +332,8 @@ def bad_inputs(d, sd):
         (["extra_key.pth"], "unexpected in checkpoint: head.extra"),
         (["good.pth", "--model", "deit_tiny_patch16_224"], "not a deit_tiny_patch16_224"),
         (["good.pth", "--model", "resnet50"], "does not fit resnet50"),
-        (["good.pth", "--num-classes", "100"], "has 10 classes"),
-        (["good.pth", "--use-ema"], "state_dict_ema"),
+        (["good.pth", "--num_classes", "100"], "has 10 classes"),
+        (["good.pth", "--use_ema"], "state_dict_ema"),
         (["good.pth", "--model", "resnet18", "--override", "nonsense=1"], "unknown model option"),
         (["good.pth", "--override", "widths=abc"], "is not of the kind of its default"),
     ]

@@ -138,7 +138,7 @@ def test_bad_archives_are_one_line_errors_and_write_nothing(tmp_path):
     for what, archive in bad.items():
         out = tmp_path / f"out_{what}"
         if what == "truncated":
-            r = _run_prepare("--archive", archive, "--data-dir", out)
+            r = _run_prepare("--archive", archive, "--data_dir", out)
             assert r.returncode == 2 and r.stdout == "", (what, r)
             assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (what, r.stderr)
         else:
@@ -271,14 +271,14 @@ def test_evaluate_model_directory(tmp_path):
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-4)
 
     cmd = [sys.executable, "-m", "rsd_jax.evaluate", "--model", str(tmp_path / "m"), "--dataset", "cifar100",
-           "--data-dir", str(tmp_path / "d"), "--batch-size", "8", "--json"]
+           "--data_dir", str(tmp_path / "d"), "--batch_size", "8", "--json"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0]) == pytest.approx(result, rel=1e-4)
 
-    r = subprocess.run(cmd[:-5] + ["--data-dir", str(tmp_path / "absent")], capture_output=True, text=True,
+    r = subprocess.run(cmd[:-5] + ["--data_dir", str(tmp_path / "absent")], capture_output=True, text=True,
                        cwd=REPO, env=env, timeout=300)
     assert r.returncode == 2 and "rsd_jax.data.prepare" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 

@@ -1,7 +1,7 @@
 """Prepare a dataset directory from a downloaded archive, offline and without TensorFlow:
 
-  python -m rsd_jax.data.prepare cifar100 --archive cifar-100-python.tar.gz --data-dir DIR
-  python -m rsd_jax.data.prepare cifar100 --archive cifar-100-binary.tar.gz --data-dir DIR
+  python -m rsd_jax.data.prepare cifar100 --archive cifar-100-python.tar.gz --data_dir DIR
+  python -m rsd_jax.data.prepare cifar100 --archive cifar-100-binary.tar.gz --data_dir DIR
 
 then train or evaluate with `--config.data.name=cifar100 --config.data.data_dir=DIR`. The archive is parsed and
 checked completely before anything is written; the result appears in DIR/cifar100_rsd_jax/ in one rename, so a
@@ -9,18 +9,18 @@ failure leaves nothing half-written (a previous preparation is replaced only by 
 The python archive holds Python-2 pickles; they are read with an unpickler that accepts nothing but numpy arrays
 and plain containers, so a hostile archive cannot run code.
 """
-import argparse
 import hashlib
 import io
 import os
 import pickle
 import shutil
-import sys
 import tarfile
 import tempfile
 
 import numpy as np
+from absl import flags
 
+from rsd_jax import cli
 from rsd_jax.data import cifar
 from rsd_jax.errors import UserError
 
@@ -162,17 +162,24 @@ def prepare_cifar100(archive, data_dir, log=print):
     return final
 
 
+USAGE = "python -m rsd_jax.data.prepare cifar100 --archive FILE.tar.gz --data_dir DIR"
+DATASETS = ("cifar100",)
+
+
+def define_flags(FLAGS):
+    flags.DEFINE_string("archive", None, "cifar-100-python.tar.gz or cifar-100-binary.tar.gz", flag_values=FLAGS)
+    flags.DEFINE_string("data_dir", None, "the directory to use as --config.data.data_dir", flag_values=FLAGS)
+
+
+def run(FLAGS, args):
+    if args[0] not in DATASETS:
+        raise UserError(f"unknown dataset {args[0]!r}; known: {', '.join(DATASETS)}")
+    prepare_cifar100(FLAGS.archive, FLAGS.data_dir)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m rsd_jax.data.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("dataset", choices=["cifar100"])
-    parser.add_argument("--archive", required=True, help="cifar-100-python.tar.gz or cifar-100-binary.tar.gz")
-    parser.add_argument("--data-dir", required=True, help="the directory to use as --config.data.data_dir")
-    args = parser.parse_args(argv)
-    try:
-        prepare_cifar100(args.archive, args.data_dir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_main(run, argv, define=define_flags, args=("DATASET",), required=("archive", "data_dir"), usage=USAGE,
+                 compile_cache=False)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Print the model zoo table: parameters, forward GFLOPs at the model's input size (XLA's cost analysis, batch 1)
 and CPU compile time of a batch-8 eval forward.
 
-  python -m rsd_jax.models.summary [--num-classes 100] [names...]
+  python -m rsd_jax.models.summary [--num_classes 100] [names...]
 """
-import argparse
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
-from rsd_jax import models
+from rsd_jax import cli, models
 
 
 def summarize(name, num_classes):
@@ -25,16 +25,22 @@ def summarize(name, num_classes):
     return params, cost.get("flops", float("nan")), time.perf_counter() - t0
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", default=models.list_models())
-    parser.add_argument("--num-classes", type=int, default=100)
-    args = parser.parse_args()
+def define_flags(FLAGS):
+    flags.DEFINE_integer("num_classes", 100, "classifier size", flag_values=FLAGS)
+
+
+def run(FLAGS, names):
     print("| model | parameters | GFLOPs (224) | CPU compile, batch 8 |")
     print("| --- | ---: | ---: | ---: |")
-    for name in args.names:
-        params, flops, seconds = summarize(name, args.num_classes)
+    for name in names or models.list_models():
+        params, flops, seconds = summarize(name, FLAGS.num_classes)
         print(f"| {name} | {params / 1e6:.2f}M | {flops / 2e9:.2f} | {seconds:.1f} s |", flush=True)
+
+
+def main(argv=None):
+    # No persistent compilation cache: the compile time is what the table reports.
+    cli.run_main(run, argv, define=define_flags, args=("NAME...",), compile_cache=False,
+                 usage="python -m rsd_jax.models.summary [--num_classes 100] [NAME ...]")
 
 
 if __name__ == "__main__":
