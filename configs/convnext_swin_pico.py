@@ -1,7 +1,7 @@
 """ConvNeXt-T -> Swin-P on CIFAR-100 with RSD, the reference's cifar/vit_mlp.yaml recipe (one pair of its train.sh).
 
   python -m convert.from_torch convnext_tiny_cifar100.pth --out teachers/convnext
-  python -m rsd_jax.data.prepare cifar100 --archive cifar-100-python.tar.gz --data-dir data
+  python -m rsd_jax.data.prepare cifar100 --archive cifar-100-python.tar.gz --data_dir data
   python -m rsd_jax.main --config configs/convnext_swin_pico.py --workdir workdirs/convnext_swin_pico \\
       --config.teacher.path=teachers/convnext --config.data.data_dir=data
   python -m rsd_jax.main --config configs/convnext_swin_pico.py:smoke --workdir /tmp/convnext_swin_pico_smoke   # tiny, CPU, CI

@@ -1,7 +1,7 @@
 """ViT-S/16 -> ResNet18 on CIFAR-100 with RSD, the reference's cifar/cnn.yaml recipe (one pair of its train.sh).
 
   python -m convert.from_torch vit_small_patch16_224_cifar100.pth --out teachers/vit
-  python -m rsd_jax.data.prepare cifar100 --archive cifar-100-python.tar.gz --data-dir data
+  python -m rsd_jax.data.prepare cifar100 --archive cifar-100-python.tar.gz --data_dir data
   python -m rsd_jax.main --config configs/vit_resnet18.py --workdir workdirs/vit_resnet18 \\
       --config.teacher.path=teachers/vit --config.data.data_dir=data
   python -m rsd_jax.main --config configs/vit_resnet18.py:smoke --workdir /tmp/vit_resnet18_smoke   # tiny, CPU, CI

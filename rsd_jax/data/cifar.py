@@ -2,7 +2,7 @@
 
 `data.data_dir` may hold either of two layouts; `load` takes the first it finds:
 
-1. Ours, written by `python -m rsd_jax.data.prepare cifar100 --archive cifar-100-python.tar.gz --data-dir DIR`
+1. Ours, written by `python -m rsd_jax.data.prepare cifar100 --archive cifar-100-python.tar.gz --data_dir DIR`
    (or the binary archive `cifar-100-binary.tar.gz`): `DIR/cifar100_rsd_jax/` with `{train,test}_images.npy`
    (N, 32, 32, 3) uint8 NHWC, `{train,test}_labels.npy` (N,) int32 fine labels, `{train,test}_coarse_labels.npy`
    and `info.json` (format name and version, counts, class names, the archive's name and checksums). Plain .npy:
@@ -32,7 +32,7 @@ SIZES = {"train": 50_000, "test": 10_000}
 
 def prepare_hint(data_dir):
     return (f"run `python -m rsd_jax.data.prepare cifar100 --archive cifar-100-python.tar.gz "
-            f"--data-dir {data_dir or 'DIR'}` (no network needed)")
+            f"--data_dir {data_dir or 'DIR'}` (no network needed)")
 
 
 def load(config):
