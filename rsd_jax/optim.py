@@ -1,4 +1,4 @@
-"""Optimizers and LR schedules with the reference's semantics (RSD_SPEC §4.3, §4.4).
+"""Optimizers and LR schedules with the reference's semantics (docs/reference.md §4.3, §4.4).
 
 * `sgd` is SGD with Nesterov momentum and L2 weight decay added to the gradient (torch.optim.SGD), `adamw` is
   decoupled AdamW (torch.optim.AdamW), `lamb` is timm's Lamb (the reference's imagenet/stronger.yaml).

@@ -14,7 +14,7 @@ def make_mesh():
 def sync_each_step(mesh):
     """Whether the host must wait for each sharded computation to finish before it dispatches the next: on CPU
     devices it must, since back-to-back sharded steps on (fake) CPU devices deadlock in their all-reduce otherwise
-    (docs/machine.md#fake-cpu-devices). On accelerators the host runs ahead, and checks wait only where they must."""
+    (docs/machine.md#fake-device-deadlock). On accelerators the host runs ahead, and checks wait only where they must."""
     return mesh.devices.flat[0].platform == "cpu"
 
 

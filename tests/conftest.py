@@ -7,7 +7,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""),
     "--xla_force_host_platform_device_count=8",
-    # A stuck collective on fake devices fails fast instead of hanging CI (shared/MACHINE_NOTES.md).
+    # A stuck collective on fake devices fails fast instead of hanging CI (docs/machine.md#collective-timeouts).
     "--xla_cpu_collective_call_warn_stuck_timeout_seconds=10",
     "--xla_cpu_collective_call_terminate_timeout_seconds=300",
 ])

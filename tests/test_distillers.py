@@ -1,4 +1,4 @@
-"""The baseline distillers (RSD_SPEC §2): each loss against an independent torch implementation of its formula
+"""The baseline distillers (docs/reference.md §2): each loss against an independent torch implementation of its formula
 (values and gradients), OFA/FitNet branch shapes over CNN and token pairs, the CRD memory update, and a few
 training steps of every method."""
 import jax

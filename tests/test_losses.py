@@ -1,4 +1,4 @@
-"""RSD and KD losses against independent float64 numpy implementations of their formulas (RSD_SPEC §1.1, §2)."""
+"""RSD and KD losses against independent float64 numpy implementations of their formulas (docs/reference.md §1.1, §2)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Optimizers and schedules against torch.optim and the reference's measured LR values (RSD_SPEC §4.3, §4.4)."""
+"""Optimizers and schedules against torch.optim and the reference's measured LR values (docs/reference.md §4.3, §4.4)."""
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -1,4 +1,4 @@
-"""Correlation congruence (CC, Peng et al., 2019) as the reference implements it (RSD_SPEC §2).
+"""Correlation congruence (CC, Peng et al., 2019) as the reference implements it (docs/reference.md §2).
 
 Both pre-logit features get a trainable linear embedding (feat_dim, with bias; the teacher's too), and with
 delta = |e_s - e_t| the loss couples consecutive examples of the batch:

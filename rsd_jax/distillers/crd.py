@@ -1,4 +1,4 @@
-"""CRD (Tian et al., 2020): contrastive representation distillation with memory banks (RSD_SPEC §2).
+"""CRD (Tian et al., 2020): contrastive representation distillation with memory banks (docs/reference.md §2).
 
 Both pre-logit features get a trainable linear embedding to feat_dim, L2-normalised: v_s, v_t. Two memory banks
 (N x feat_dim, N = training examples, uniform in +-1/sqrt(feat_dim/3) at init) hold past embeddings: `student`

@@ -1,4 +1,4 @@
-"""DIST (Huang et al., 2022): relations between probability vectors instead of their values (RSD_SPEC §2).
+"""DIST (Huang et al., 2022): relations between probability vectors instead of their values (docs/reference.md §2).
 
 With p = softmax(z / tau): inter = 1 - mean_b pearson_c(p_s[b], p_t[b]) (across classes, per example),
 intra = 1 - mean_c pearson_b(p_s[:, c], p_t[:, c]) (across the batch, per class); L = tau^2 (beta inter +

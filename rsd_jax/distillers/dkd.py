@@ -1,9 +1,9 @@
-"""DKD (Zhao et al., 2022): decoupled KD = alpha * TCKD + beta * NCKD (RSD_SPEC §2).
+"""DKD (Zhao et al., 2022): decoupled KD = alpha * TCKD + beta * NCKD (docs/reference.md §2).
 
 TCKD is the KL between the binary (target vs rest) probabilities of teacher and student; NCKD is the KL over the
 non-target classes, the target removed by subtracting 1000 from its logit before the softmax, as the reference does.
 Both are times T^2 and batch means. Soft (B, C) labels are reduced to their argmax.
-Difference from the reference (spec §7.4): its forward reads attributes that do not exist and crashes; this is the
+Difference from the reference (docs/reference.md §7.4): its forward reads attributes that do not exist and crashes; this is the
 intended method with `alpha`, `beta`, `temperature` from the config.
 """
 import jax

@@ -1,4 +1,4 @@
-"""FitNet (Romero et al., 2015), cross-architecture as in the RSD reference (RSD_SPEC §2.2): per stage, an aligner
+"""FitNet (Romero et al., 2015), cross-architecture as in the RSD reference (docs/reference.md §2.2): per stage, an aligner
 maps the student's stage output onto the teacher's, L = loss_weight * scale * sum_stages MSE(aligned, target).
 
 Stage outputs are compared on their patch grids: maps (B, H, W, C) as they are, tokens (B, L, C) without their
@@ -14,7 +14,7 @@ trunc_normal(0.02) with a zero bias.
 
 Differences from the reference: the hard-coded x0.1 of the RSD code base is the visible `scale` (default 0.1, so
 the default loss is the reference's); prefix tokens are found from the token count (the reference's `num_tokens`
-attribute is missing on timm 0.6.5 ViTs and FitNet fails there, spec §7.5); CNN->CNN pairs with different grids
+attribute is missing on timm 0.6.5 ViTs and FitNet fails there, docs/reference.md §7.5); CNN->CNN pairs with different grids
 (not handled by the reference) use the same rules as the other pairs.
 """
 import flax.linen as nn

@@ -1,4 +1,4 @@
-"""KD (Hinton et al.): KL(p_t || p_s) at temperature T, times T^2, mean over the batch (RSD_SPEC §2)."""
+"""KD (Hinton et al.): KL(p_t || p_s) at temperature T, times T^2, mean over the batch (docs/reference.md §2)."""
 import jax
 import jax.numpy as jnp
 import ml_collections

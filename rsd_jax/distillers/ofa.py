@@ -1,5 +1,5 @@
 """OFA-KD (Hao et al., NeurIPS 2023): exit branches on student stages, each trained to the teacher's logits with the
-OFA loss, plus the same loss on the student's own logits (RSD_SPEC §2.1).
+OFA loss, plus the same loss on the student's own logits (docs/reference.md §2.1).
 
 Loss of one head: l(z, z_t) = mean_b sum_c -[(p_t + m)^eps - m]_c log softmax(z / tau)_c, p_t = softmax(z_t / tau),
 m the one-hot target (argmax of soft labels). Total (train.py adds the CE): kd_loss_weight * l(student logits;
@@ -16,7 +16,7 @@ Init as the reference's init_weights: Linear trunc_normal(0.02) and zero bias, c
 with torch's default bias (init_weights leaves conv biases alone), norms at ones/zeros. The ViT blocks are timm's
 bare Block: no qkv bias, LayerNorm eps 1e-5.
 
-Differences from the reference (spec §7): log_softmax instead of log(softmax), which can underflow to -inf; the
+Differences from the reference (docs/reference.md §7): log_softmax instead of log(softmax), which can underflow to -inf; the
 prefix-token count is read from the token count (the reference reads a `num_tokens` attribute that timm 0.6.5 ViTs
 lack, so it fails for DeiT students, §7.5).
 """

@@ -1,4 +1,4 @@
-"""RKD (Park et al., 2019): distance- and angle-wise relations of the pre-logit features (RSD_SPEC §2).
+"""RKD (Park et al., 2019): distance- and angle-wise relations of the pre-logit features (docs/reference.md §2).
 
 Distances: pairwise Euclidean (squared if `squared`), clamped below at eps, diagonal zeroed, divided by the mean of
 the positive entries; angles: cosines between the difference vectors e_j - e_i and e_k - e_i (unit length; a zero

@@ -1,9 +1,9 @@
-"""RSD: Redundancy Suppression Distillation (ICCV 2025), RSD_SPEC §1.
+"""RSD: Redundancy Suppression Distillation (ICCV 2025), docs/reference.md §1.
 
 The student's pre-logit feature goes through a small projector to the teacher's width; the loss pushes the
 batch-standardised cross-correlation of projected student and teacher features towards the identity:
     L = sum_i (C_ii - 1)^2 + kappa * sum_{i != j} C_ij^2,   C = T_hat^T S_hat / B.
-Deliberate differences from the reference (spec §7): only the pre-logit stage exists (the reference's other
+Deliberate differences from the reference (docs/reference.md §7): only the pre-logit stage exists (the reference's other
 stages index the wrong tensor), and the ground-truth term honours `gt_loss_weight` (the reference ignores it for
 RSD; the default 1 makes them equal).
 """
