@@ -105,7 +105,7 @@ class RunCheckpoints:
             return
         if not stored:
             return
-        differences = trees.diff(abstract_state, stored, dtypes=True)
+        differences = trees.diff(abstract_state, stored)   # shapes only: orbax records scalar dtypes loosely
         if differences:
             raise CheckpointError(
                 f"checkpoint {self._root}/{which}/{step} was saved by another config: {len(differences)} leaves "
