@@ -28,7 +28,7 @@ def timm_swin(name, num_classes, seed, device=None, **overrides):
     LayerNorm affine parameters, biases and the relative-position tables are perturbed so that parity
     exercises them (timm initialises them to 1, 0 and ~0.02)."""
     torch.manual_seed(seed)
-    kwargs = dict(swin.MODELS[name], num_classes=num_classes, **overrides)
+    kwargs = dict(swin.MODELS[name].kwargs, num_classes=num_classes, **overrides)
     if name in timm.list_models("swin*") and not overrides:
         model = timm.create_model(name, num_classes=num_classes, device=device)
     else:

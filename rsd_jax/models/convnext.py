@@ -9,10 +9,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from rsd_jax.models import layers
+from rsd_jax.models import ModelSpec, layers
 
 MODELS = {
-    "convnext_tiny": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),
+    # timm 1.x evaluates convnext_tiny at 0.95; the reference's timm 0.6.5 at 0.875
+    "convnext_tiny": ModelSpec(dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)), crop_pct=0.875,
+                               interpolation="bicubic", stages=(0, 1, 2, 3),
+                               smoke=dict(img_size=32, patch_size=2, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))),
 }
 
 _init = dict(kernel_init=layers.trunc_normal_02, bias_init=nn.initializers.zeros)

@@ -9,14 +9,17 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rsd_jax.models import layers
+from rsd_jax.models import ModelSpec, layers
 from rsd_jax.models.vit import default_stage_blocks   # the same block-output feature list as ViT
 
+_SMOKE = dict(img_size=32, patch_size=8, embed_dim=32, depth=2)
 MODELS = {
-    "mixer_b16_224": dict(block="mixer", patch_size=16, embed_dim=768, depth=12, mlp_ratio_tokens=0.5,
-                          mlp_ratio_channels=4.0),
-    "resmlp_12_224": dict(block="resmlp", patch_size=16, embed_dim=384, depth=12, mlp_ratio_channels=4.0,
-                          init_values=1e-4),
+    "mixer_b16_224": ModelSpec(dict(block="mixer", patch_size=16, embed_dim=768, depth=12, mlp_ratio_tokens=0.5,
+                                    mlp_ratio_channels=4.0),
+                               crop_pct=0.875, interpolation="bicubic", stages=(1, 3, 9, 11), smoke=_SMOKE),
+    "resmlp_12_224": ModelSpec(dict(block="resmlp", patch_size=16, embed_dim=384, depth=12, mlp_ratio_channels=4.0,
+                                    init_values=1e-4),
+                               crop_pct=0.875, interpolation="bicubic", stages=(1, 3, 9, 11), smoke=_SMOKE),
 }
 
 # timm's Mixer init: xavier-uniform Linear weights, near-zero MLP biases, lecun-normal patch conv, zero head.

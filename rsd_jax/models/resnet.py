@@ -12,12 +12,16 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rsd_jax.models import layers
+from rsd_jax.models import ModelSpec, layers
 
 MODELS = {
-    "resnet18": dict(layers=(2, 2, 2, 2), block="basic"),
-    "resnet34": dict(layers=(3, 4, 6, 3), block="basic"),
-    "resnet50": dict(layers=(3, 4, 6, 3), block="bottleneck"),
+    # resnet18: timm 1.x evaluates at 0.95 bicubic (its a1 weights); the reference's timm 0.6.5 at 0.875 bilinear
+    "resnet18": ModelSpec(dict(layers=(2, 2, 2, 2), block="basic"), crop_pct=0.875, interpolation="bilinear",
+                          stages=(0, 1, 2, 3), smoke=dict(img_size=32, widths=(8, 16, 16, 32), layers=(1, 1, 1, 1))),
+    "resnet34": ModelSpec(dict(layers=(3, 4, 6, 3), block="basic"), crop_pct=0.875, interpolation="bilinear",
+                          stages=(0, 1, 2, 3)),
+    "resnet50": ModelSpec(dict(layers=(3, 4, 6, 3), block="bottleneck"), crop_pct=0.95, interpolation="bicubic",
+                          stages=(0, 1, 2, 3)),
 }
 
 EXPANSION = {"basic": 1, "bottleneck": 4}

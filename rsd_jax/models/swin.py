@@ -15,17 +15,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rsd_jax.models import layers
+from rsd_jax.models import ModelSpec, layers
 
 _STUDENT = dict(patch_size=4, window_size=7, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
+_SMOKE = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+_EVAL = dict(crop_pct=0.9, interpolation="bicubic")   # every Swin's timm cfg, and timm's fallback for nano/pico
 MODELS = {
-    "swin_tiny_patch4_window7_224": dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2),
-                                         num_heads=(3, 6, 12, 24)),
-    "swin_base_patch4_window7_224": dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2),
-                                         num_heads=(4, 8, 16, 32)),
+    "swin_tiny_patch4_window7_224": ModelSpec(dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2),
+                                                   num_heads=(3, 6, 12, 24)),
+                                              stages=(1, 3, 9, 11), smoke=_SMOKE, **_EVAL),
+    "swin_base_patch4_window7_224": ModelSpec(dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2),
+                                                   num_heads=(4, 8, 16, 32)),
+                                              stages=(1, 3, 21, 23), **_EVAL),
     # The reference's own students (not registered in timm).
-    "swin_nano_patch4_window7_224": dict(_STUDENT, embed_dim=64),
-    "swin_pico_patch4_window7_224": dict(_STUDENT, embed_dim=48),
+    "swin_nano_patch4_window7_224": ModelSpec(dict(_STUDENT, embed_dim=64), stages=(1, 3, 5, 7), **_EVAL),
+    "swin_pico_patch4_window7_224": ModelSpec(dict(_STUDENT, embed_dim=48), stages=(1, 3, 5, 7), smoke=_SMOKE,
+                                              **_EVAL),
 }
 
 _dense = functools.partial(nn.Dense, kernel_init=layers.trunc_normal_02, bias_init=nn.initializers.zeros)

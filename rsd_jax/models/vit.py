@@ -16,16 +16,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsd_jax.models import layers
+from rsd_jax.models import ModelSpec, layers
 
+_SMOKE = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+_EVAL = dict(crop_pct=0.9, interpolation="bicubic")   # timm's ViT and DeiT cfg
 MODELS = {
-    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "deit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": ModelSpec(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+                                       stages=(1, 3, 9, 11), smoke=_SMOKE, **_EVAL),
+    "vit_base_patch16_224": ModelSpec(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+                                      stages=(1, 3, 9, 11), **_EVAL),
+    "deit_tiny_patch16_224": ModelSpec(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+                                       stages=(1, 3, 9, 11), smoke=_SMOKE, **_EVAL),
 }
-
-# The reference's stage indices for depth 12 (RSD_SPEC §3): block outputs 1, 3, 9, 11.
-REFERENCE_STAGE_BLOCKS = (1, 3, 9, 11)
 
 LayerNorm = functools.partial(layers.LayerNorm, 1e-6)   # timm ViT: eps 1e-6
 Dense = lambda features, name, **kw: nn.Dense(features, kernel_init=layers.trunc_normal_02,  # noqa: E731
