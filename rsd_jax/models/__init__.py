@@ -90,7 +90,8 @@ def specs():
 
 
 def model_kwargs(name, num_classes=1000, **overrides):
-    """The constructor kwargs of `name` with `num_classes` and `overrides` applied (unknown keys rejected)."""
+    """The constructor kwargs of `name` with `num_classes` and `overrides` applied (unknown keys rejected). Lists
+    in the overrides (a JSON round trip turns tuples into lists) become tuples, so every module is hashable."""
     family, spec = _entry(name)
     kwargs = dict(spec.kwargs, num_classes=num_classes)
     module = family.build(**kwargs)
@@ -98,6 +99,7 @@ def model_kwargs(name, num_classes=1000, **overrides):
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise UnknownModelError(f"{name}: unknown model option(s) {unknown}")
+    overrides = {key: _tuples(value) for key, value in overrides.items()}
     for key, value in overrides.items():
         current = getattr(module, key)
         if not _same_kind(value, current):
@@ -107,10 +109,13 @@ def model_kwargs(name, num_classes=1000, **overrides):
     return kwargs
 
 
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def _same_kind(value, like):
-    """Whether an override has the type of the option's default: bool, int, number, str, or a sequence whose items
-    each have the kind of one of the default's items (JSON round trips turn tuples into lists); anything goes where
-    the default is None."""
+    """Whether an override has the type of the option's default: bool, int, number, str, or a tuple whose items
+    each have the kind of one of the default's items; anything goes where the default is None."""
     if isinstance(like, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(like, bool)
     if isinstance(like, int):
@@ -119,9 +124,8 @@ def _same_kind(value, like):
         return isinstance(value, (int, float))
     if isinstance(like, str):
         return isinstance(value, str)
-    if isinstance(like, (tuple, list)):
-        return isinstance(value, (tuple, list)) and (not like or all(any(_same_kind(v, u) for u in like)
-                                                                    for v in value))
+    if isinstance(like, tuple):
+        return isinstance(value, tuple) and (not like or all(any(_same_kind(v, u) for u in like) for v in value))
     return True
 
 

@@ -104,6 +104,5 @@ class ResNet(nn.Module):
 
 
 def build(**kwargs):
-    # Overrides read back from JSON arrive as lists; keep the module hashable.
-    return ResNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    return ResNet(**kwargs)
 

@@ -161,5 +161,4 @@ class VisionTransformer(nn.Module):
 
 
 def build(**kwargs):
-    # Overrides read back from JSON arrive as lists; keep the module hashable.
-    return VisionTransformer(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    return VisionTransformer(**kwargs)
