@@ -31,16 +31,6 @@ def _norm(eps, name):
     return layers.LayerNorm(eps, name=name)
 
 
-class Mlp(nn.Module):
-    hidden: int
-    out: int
-
-    @nn.compact
-    def __call__(self, x):
-        x = layers.gelu(nn.Dense(self.hidden, name="fc1", **_init)(x))
-        return nn.Dense(self.out, name="fc2", **_init)(x)
-
-
 class Block(nn.Module):
     dim: int
     kernel_size: int = 7
@@ -55,7 +45,7 @@ class Block(nn.Module):
         y = nn.Conv(self.dim, (k, k), padding=[(k // 2, k // 2)] * 2, feature_group_count=self.dim,
                     name="conv_dw", **_init)(x)
         y = _norm(self.norm_eps, "norm")(y)
-        y = Mlp(int(self.mlp_ratio * self.dim), self.dim, name="mlp")(y)
+        y = layers.Mlp(int(self.mlp_ratio * self.dim), name="mlp")(y, train)
         gamma = self.param("gamma", nn.initializers.constant(self.ls_init_value), (self.dim,))
         return x + layers.DropPath(self.drop_path)(y * gamma, train)
 

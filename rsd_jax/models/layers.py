@@ -1,4 +1,5 @@
 """Building blocks with torch/timm numerics (see shared/STYLE.md, 'Numerics that silently break parity')."""
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -99,3 +100,17 @@ class DropPath(nn.Module):
         keep = 1.0 - self.rate
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
         return jnp.where(mask, x / keep, 0.0)
+
+
+class Mlp(nn.Module):
+    """timm's Mlp: `fc1` -> exact GELU -> dropout -> `fc2` (back to the input width) -> dropout."""
+    hidden: int
+    drop_rate: float = 0.0
+    kernel_init: Callable = trunc_normal_02
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        dense = functools.partial(nn.Dense, kernel_init=self.kernel_init, bias_init=self.bias_init)
+        y = nn.Dropout(self.drop_rate, deterministic=not train)(gelu(dense(self.hidden, name="fc1")(x)))
+        return nn.Dropout(self.drop_rate, deterministic=not train)(dense(x.shape[-1], name="fc2")(y))

@@ -117,19 +117,6 @@ class WindowAttention(nn.Module):
         return nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
 
 
-class Mlp(nn.Module):
-    hidden: int
-    drop_rate: float = 0.0
-
-    @nn.compact
-    def __call__(self, x, train):
-        dim = x.shape[-1]
-        x = layers.gelu(_dense(self.hidden, name="fc1")(x))
-        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-        x = _dense(dim, name="fc2")(x)
-        return nn.Dropout(self.drop_rate)(x, deterministic=not train)
-
-
 class SwinBlock(nn.Module):
     """(Shifted-)window attention block on (B, H, W, C); `shifted` asks for a shift if the resolution allows."""
     num_heads: int
@@ -160,7 +147,8 @@ class SwinBlock(nn.Module):
             y = jnp.roll(y, shift, axis=(1, 2))
         x = x + layers.DropPath(self.drop_path, name="drop_path1")(y, train)
 
-        y = Mlp(int(c * self.mlp_ratio), self.proj_drop_rate, name="mlp")(layers.LayerNorm(name="norm2")(x), train)
+        y = layers.Mlp(int(c * self.mlp_ratio), self.proj_drop_rate, name="mlp")(
+            layers.LayerNorm(name="norm2")(x), train)
         return x + layers.DropPath(self.drop_path, name="drop_path2")(y, train)
 
 

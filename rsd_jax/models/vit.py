@@ -80,17 +80,6 @@ class Attention(nn.Module):
         return nn.Dropout(self.proj_drop_rate, deterministic=not train)(y)
 
 
-class Mlp(nn.Module):
-    hidden: int
-    drop_rate: float = 0.0
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        d = x.shape[-1]
-        x = nn.Dropout(self.drop_rate, deterministic=not train)(layers.gelu(Dense(self.hidden, "fc1")(x)))
-        return nn.Dropout(self.drop_rate, deterministic=not train)(Dense(d, "fc2")(x))
-
-
 class Block(nn.Module):
     num_heads: int
     mlp_hidden: int
@@ -105,8 +94,8 @@ class Block(nn.Module):
         y = Attention(self.num_heads, self.qkv_bias, self.attn_drop_rate, self.proj_drop_rate, name="attn")(
             layers.LayerNorm(self.norm_eps, name="norm1")(x), train)
         x = x + layers.DropPath(self.drop_path)(y, train)
-        y = Mlp(self.mlp_hidden, self.proj_drop_rate, name="mlp")(layers.LayerNorm(self.norm_eps, name="norm2")(x),
-                                                                   train)
+        y = layers.Mlp(self.mlp_hidden, self.proj_drop_rate, name="mlp")(
+            layers.LayerNorm(self.norm_eps, name="norm2")(x), train)
         return x + layers.DropPath(self.drop_path)(y, train)
 
 
