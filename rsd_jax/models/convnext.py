@@ -7,7 +7,6 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from rsd_jax.models import ModelSpec, layers
 
@@ -19,11 +18,6 @@ MODELS = {
 }
 
 _init = dict(kernel_init=layers.trunc_normal_02, bias_init=nn.initializers.zeros)
-
-
-def drop_path_rates(drop_path_rate, depths):
-    """timm's schedule: linear from 0 to `drop_path_rate` over all blocks of all stages."""
-    return [float(r) for r in np.linspace(0.0, drop_path_rate, sum(depths))]
 
 
 def _norm(eps, name):
@@ -108,13 +102,12 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"patch_size must be 1, 2 or 4, got {p}")
         x = nn.Conv(self.dims[0], (p, p), strides=(p, p), padding="VALID", name="stem_0", **_init)(x)
         x = _norm(self.norm_eps, "stem_1")(x)
-        rates = drop_path_rates(self.drop_path_rate, self.depths)
-        feats, start = {}, 0
+        rates = layers.drop_path_rates(self.drop_path_rate, self.depths)
+        feats = {}
         for s, (depth, dim) in enumerate(zip(self.depths, self.dims)):
             # timm: stages after the first downsample by 2, and so does the first one after a stride-2 stem
             x = Stage(dim, depth, s > 0 or p == 2, self.kernel_size, self.mlp_ratio, self.ls_init_value, self.norm_eps,
-                      tuple(rates[start:start + depth]), name=f"stages_{s}")(x, train)
-            start += depth
+                      tuple(rates[s]), name=f"stages_{s}")(x, train)
             feats[f"stage{s + 1}"] = x
         logits, feats["pre_logits"] = Head(self.num_classes, self.norm_eps, self.drop_rate, name="head")(x, train)
         return logits, feats

@@ -5,6 +5,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def gelu(x):
@@ -100,6 +101,16 @@ class DropPath(nn.Module):
         keep = 1.0 - self.rate
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
         return jnp.where(mask, x / keep, 0.0)
+
+
+def drop_path_rates(drop_path_rate, depths):
+    """timm's stochastic depth (`calculate_drop_path_rates`), linear from 0 at the first block to `drop_path_rate`
+    at the last: a list of rates for an int depth, one list per stage for a sequence of stage depths. (Mixer's
+    constant rate and EfficientNet's rate * i / n are other schedules.)"""
+    if isinstance(depths, int):
+        return np.linspace(0.0, drop_path_rate, depths).tolist()
+    rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
+    return [rates[end - depth:end] for depth, end in zip(depths, np.cumsum(depths).tolist())]
 
 
 class Mlp(nn.Module):

@@ -83,16 +83,15 @@ class ResNet(nn.Module):
         x = nn.relu(layers.batch_norm(train, name="bn1")(conv(stem, 7, 2, "conv1")(x)))
         x = layers.max_pool(x, 3, 2, (1, 1))
 
-        features = {}
-        total, index, channels = sum(self.layers), 0, stem
+        features, channels = {}, stem
+        rates = layers.drop_path_rates(self.drop_path_rate, self.layers)
         for s, (depth, planes) in enumerate(zip(self.layers, self.widths)):
             for b in range(depth):
                 stride = 2 if (s > 0 and b == 0) else 1
                 out = planes * EXPANSION[self.block]
-                rate = self.drop_path_rate * index / max(total - 1, 1)
-                x = Block(planes, stride, self.block, project=(stride != 1 or channels != out), drop_path=rate,
+                x = Block(planes, stride, self.block, project=(stride != 1 or channels != out), drop_path=rates[s][b],
                           name=f"layer{s + 1}_{b}")(x, train)
-                channels, index = out, index + 1
+                channels = out
             features[f"stage{s + 1}"] = x
 
         x = jnp.mean(x, axis=(1, 2))

@@ -80,12 +80,6 @@ def shifted_window_mask(padded, window, shift):
     return np.where(ids[:, None, :] != ids[:, :, None], _MASKED, 0.0).astype(np.float32)
 
 
-def drop_path_rates(drop_path_rate, depths):
-    """timm's stochastic-depth schedule: linear from 0 to the rate over all blocks, split per stage."""
-    rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
-    return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
-
-
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside each window, with a learned relative-position bias."""
     dim: int
@@ -233,7 +227,7 @@ class SwinTransformer(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = PatchEmbed(self.patch_size, self.embed_dim, name="patch_embed")(x)
-        rates = drop_path_rates(self.drop_path_rate, self.depths)
+        rates = layers.drop_path_rates(self.drop_path_rate, self.depths)
         features = {}
         for i, depth in enumerate(self.depths):
             x = SwinStage(self.embed_dim * 2 ** i, depth, self.num_heads[i], self.window_size, downsample=i > 0,

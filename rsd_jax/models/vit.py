@@ -135,8 +135,7 @@ class VisionTransformer(nn.Module):
         x = nn.Dropout(self.pos_drop_rate, deterministic=not train)(x)
 
         features = {}
-        for i in range(self.depth):
-            rate = self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0   # torch.linspace
+        for i, rate in enumerate(layers.drop_path_rates(self.drop_path_rate, self.depth)):
             x = Block(self.num_heads, int(d * self.mlp_ratio), self.qkv_bias, self.attn_drop_rate,
                       self.proj_drop_rate, rate, name=f"blocks_{i}")(x, train)
             for s, b in enumerate(stage_blocks, start=1):
