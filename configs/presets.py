@@ -4,26 +4,18 @@ Defaults reproduce the reference's setting on 2 GPUs: a global batch of 256 in 2
 standardisation and BatchNorm statistics per group, as per GPU), no learning-rate scaling with the batch.
 Where the reference has a bug (RSD_SPEC §7) the configs follow the intended behaviour; see rsd_jax/distillers.
 """
+import types
+
 import ml_collections
 
+from rsd_jax import models
 from rsd_jax.config import base_config
 
 CIFAR_CNN_STUDENTS = ("resnet18", "mobilenetv2_100")
 
-# Tiny members of each family for `:smoke` runs (32x32 inputs, a few steps, CPU).
-SMOKE_OVERRIDES = {
-    "resnet18": dict(img_size=32, widths=(8, 16, 16, 32), layers=(1, 1, 1, 1)),
-    "mobilenetv2_100": dict(img_size=32, channel_multiplier=0.25),
-    "deit_tiny_patch16_224": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
-    "vit_small_patch16_224": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
-    "swin_tiny_patch4_window7_224": dict(img_size=32, patch_size=2, window_size=4, embed_dim=16,
-                                         depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
-    "swin_pico_patch4_window7_224": dict(img_size=32, patch_size=2, window_size=4, embed_dim=16,
-                                         depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
-    "convnext_tiny": dict(img_size=32, patch_size=2, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
-    "mixer_b16_224": dict(img_size=32, patch_size=8, embed_dim=32, depth=2),
-    "resmlp_12_224": dict(img_size=32, patch_size=8, embed_dim=32, depth=2),
-}
+# {model: overrides} of a tiny member of its family for `:smoke` runs (32x32 inputs, a few steps, CPU): a read-only
+# view of the models' declared smoke overrides.
+SMOKE_OVERRIDES = types.MappingProxyType({name: dict(s.smoke) for name, s in models.specs().items() if s.smoke})
 
 
 def cifar_cnn(c):

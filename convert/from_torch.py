@@ -160,7 +160,7 @@ def file_sha256(path):
 def family_tables():
     """{family: table module} for every family in the registry that has a table (others are skipped)."""
     tables = {}
-    for family in sorted(set(models._FAMILY_OF.values())):
+    for family in sorted(models.FAMILIES):
         try:
             tables[family] = core.family_table(family)
         except ModuleNotFoundError as e:

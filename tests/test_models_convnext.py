@@ -8,7 +8,7 @@ import torch
 from convert import core
 from convert.tables import convnext as table
 from rsd_jax import models
-from rsd_jax.models import convnext
+from rsd_jax.models import layers
 from timm_parity import max_rel_err, numpy_state_dict, port, randomize_params
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
@@ -69,7 +69,7 @@ def test_stage_table_at_224(full_timm):
 def test_drop_path_schedule_matches_timm():
     t = timm.create_model("convnext_tiny", drop_path_rate=0.3, **TINY)
     want = [getattr(b.drop_path, "drop_prob", 0.0) for s in t.stages for b in s.blocks]
-    np.testing.assert_allclose(convnext.drop_path_rates(0.3, TINY["depths"]), want, rtol=1e-6)
+    np.testing.assert_allclose(layers.drop_path_rates(0.3, sum(TINY["depths"])), want, rtol=1e-6)
 
 
 def test_train_mode_drop_path():

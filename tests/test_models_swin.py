@@ -10,7 +10,7 @@ from timm.models.swin_transformer import SwinTransformer
 from convert import core
 from convert.tables import swin as table
 from rsd_jax import models
-from rsd_jax.models import swin
+from rsd_jax.models import layers, swin
 from timm_parity import max_rel_err, numpy_state_dict, port
 
 TOL = 1e-4
@@ -28,7 +28,7 @@ def timm_swin(name, num_classes, seed, device=None, **overrides):
     LayerNorm affine parameters, biases and the relative-position tables are perturbed so that parity
     exercises them (timm initialises them to 1, 0 and ~0.02)."""
     torch.manual_seed(seed)
-    kwargs = dict(swin.MODELS[name], num_classes=num_classes, **overrides)
+    kwargs = dict(swin.MODELS[name].kwargs, num_classes=num_classes, **overrides)
     if name in timm.list_models("swin*") and not overrides:
         model = timm.create_model(name, num_classes=num_classes, device=device)
     else:
@@ -161,7 +161,7 @@ def test_train_mode_and_drop_path():
     tm = timm_swin(TINY, 10, seed=0, device="meta")
     want = [[float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in layer.blocks] for layer in tm.layers]
     assert models.create_model(TINY).drop_path_rate == 0.1
-    np.testing.assert_allclose(np.concatenate(swin.drop_path_rates(0.1, (2, 2, 6, 2))), np.concatenate(want),
+    np.testing.assert_allclose(np.concatenate(layers.drop_path_rates(0.1, (2, 2, 6, 2))), np.concatenate(want),
                                atol=1e-7)
 
 

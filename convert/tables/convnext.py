@@ -30,7 +30,7 @@ def infer(state_dict):
                 patch_size=int(state_dict["stem.0.weight"].shape[-1]), kernel_size=int(dw.shape[-1]),
                 mlp_ratio=int(state_dict["stages.0.blocks.0.mlp.fc1.weight"].shape[0]) / dims[0])
     name = "convnext_tiny"   # the one registered ConvNeXt; other shapes become overrides
-    default = {k: getattr(convnext.ConvNeXt, k) for k in arch} | convnext.MODELS[name]
+    default = {k: getattr(convnext.ConvNeXt, k) for k in arch} | convnext.MODELS[name].kwargs
     overrides = {k: v for k, v in arch.items() if default[k] != v}
     return name, int(state_dict["head.fc.weight"].shape[0]), overrides
 

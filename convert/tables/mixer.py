@@ -35,7 +35,7 @@ def infer(state_dict):
     if block == "mixer":
         arch["mlp_ratio_tokens"] = _ratio(int(state_dict["blocks.0.mlp_tokens.fc1.weight"].shape[0]), embed_dim)
     name = _NAME_OF_BLOCK[block]
-    default = {k: getattr(mixer.MlpMixer, k) for k in arch} | mixer.MODELS[name]
+    default = {k: getattr(mixer.MlpMixer, k) for k in arch} | mixer.MODELS[name].kwargs
     overrides = {k: v for k, v in arch.items() if default[k] != v}
     return name, int(state_dict["head.weight"].shape[0]), overrides
 
@@ -57,7 +57,7 @@ def create_timm(model_name, num_classes, kwargs):
     """timm's MlpMixer with the architecture of our `model_name` updated by `kwargs`, built from the class with
     each block's layers, as timm's registered mixer_b16_224 / resmlp_12_224 fix depth, width and patch size."""
     from timm.models import mlp_mixer
-    arch = dict(mixer.MODELS[model_name], **kwargs)
+    arch = dict(mixer.MODELS[model_name].kwargs, **kwargs)
     arch.pop("init_values", None)
     block, tokens, channels = arch.pop("block"), arch.pop("mlp_ratio_tokens", None), arch.pop("mlp_ratio_channels")
     arch["num_blocks"] = arch.pop("depth")

@@ -27,9 +27,9 @@ def infer(state_dict):
                 widths=tuple(int(state_dict[f"layer{s}.0.conv1.weight"].shape[0]) for s in (1, 2, 3, 4)),
                 stem_width=int(state_dict["conv1.weight"].shape[0]))
     # The registered name with the same block type (and depths, if one has them); the rest become overrides.
-    names = [n for n, cfg in resnet.MODELS.items() if cfg["block"] == block]
-    name = max(names, key=lambda n: resnet.MODELS[n]["layers"] == depths)
-    default = dict(widths=tuple(resnet.ResNet.widths), **resnet.MODELS[name])
+    names = [n for n, spec in resnet.MODELS.items() if spec.kwargs["block"] == block]
+    name = max(names, key=lambda n: resnet.MODELS[n].kwargs["layers"] == depths)
+    default = dict(widths=tuple(resnet.ResNet.widths), **resnet.MODELS[name].kwargs)
     overrides = {k: arch[k] for k in ("layers", "widths") if tuple(default[k]) != arch[k]}
     if arch["stem_width"] != resnet.ResNet.stem_width:
         overrides["stem_width"] = arch["stem_width"]

@@ -41,8 +41,8 @@ def infer(state_dict):
                  depths=depths, num_heads=heads)
     head = state_dict.get("head.fc.weight", state_dict.get("head.weight"))
     num_classes = int(head.shape[0]) if head is not None else 0
-    for name, kwargs in swin.MODELS.items():
-        if {k: kwargs[k] for k in found} == found:
+    for name, spec in swin.MODELS.items():
+        if {k: spec.kwargs[k] for k in found} == found:
             return name, num_classes
     raise ConversionError(f"a Swin checkpoint matching no known model ({found}); known: {', '.join(swin.MODELS)}")
 
@@ -52,4 +52,4 @@ def create_timm(model_name, num_classes, kwargs):
     timm's); built from the class, as the reference's nano/pico students are not registered in timm."""
     from timm.models.swin_transformer import SwinTransformer
     from rsd_jax.models import swin
-    return SwinTransformer(num_classes=num_classes, **dict(swin.MODELS[model_name], **kwargs))
+    return SwinTransformer(num_classes=num_classes, **dict(swin.MODELS[model_name].kwargs, **kwargs))

@@ -31,9 +31,9 @@ def infer(state_dict):
                 depth=1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")),
                 mlp_ratio=int(state_dict["blocks.0.mlp.fc1.weight"].shape[0]) / embed_dim,
                 qkv_bias="blocks.0.attn.qkv.bias" in state_dict)
-    same_width = [n for n, cfg in vit.MODELS.items() if cfg["embed_dim"] == embed_dim]
+    same_width = [n for n, spec in vit.MODELS.items() if spec.kwargs["embed_dim"] == embed_dim]
     name = same_width[0] if same_width else "vit_base_patch16_224"
-    default = {f: getattr(vit.VisionTransformer, f) for f in arch} | vit.MODELS[name]
+    default = {f: getattr(vit.VisionTransformer, f) for f in arch} | vit.MODELS[name].kwargs
     overrides = {k: v for k, v in arch.items() if default[k] != v}
     if not same_width:
         overrides["num_heads"] = max(embed_dim // 64, 1)

@@ -15,31 +15,22 @@ Config keys (`data.augment`, defaults = the reference's CNN recipe, see `default
   rand_augment   timm RandAugment string, e.g. "rand-m9-mstd0.5-inc1"; "" = off
   random_erasing, erasing_mode, erasing_count   random erasing (prob) after normalisation and mixing
   mixup, cutmix, mixup_prob, mixup_switch_prob   mixup/cutmix alphas (0 = off), mode "batch"
-  crop_pct, eval_interpolation   eval resize; 0 / "" = the student's value in EVAL_CONFIGS
+  crop_pct, eval_interpolation   eval resize; 0 / "" = the student's declared value (its models.ModelSpec)
 """
 import functools
 import math
+import types
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rsd_jax import models
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# The reference's eval resize per student (timm 0.6.5 default cfgs; timm 1.x changed resnet18 and convnext).
-EVAL_CONFIGS = {
-    "resnet18": (0.875, "bilinear"),
-    "mobilenetv2_100": (0.875, "bicubic"),
-    "deit_tiny_patch16_224": (0.9, "bicubic"),
-    "swin_tiny_patch4_window7_224": (0.9, "bicubic"),
-    "swin_pico_patch4_window7_224": (0.9, "bicubic"),
-    "swin_nano_patch4_window7_224": (0.9, "bicubic"),
-    "resmlp_12_224": (0.875, "bicubic"),
-    "vit_small_patch16_224": (0.9, "bicubic"),
-    "mixer_b16_224": (0.875, "bicubic"),
-    "convnext_tiny": (0.875, "bicubic"),
-}
-DEFAULT_EVAL_CONFIG = (0.875, "bicubic")  # timm's default cfg for a model not in the table
+# {model: (crop_pct, interpolation)}, a read-only view of the models' declared eval resize.
+EVAL_CONFIGS = types.MappingProxyType({name: (s.crop_pct, s.interpolation) for name, s in models.specs().items()})
 
 
 def default_config():
@@ -626,8 +617,10 @@ def train_batch_transform(config, mean, std, num_classes, smoothing=0.1, size=No
 
 
 def eval_config(config, model=None):
-    """(crop_pct, interpolation) for eval: the config's values, else the reference's for `model`."""
-    table_pct, table_interp = EVAL_CONFIGS.get(model, DEFAULT_EVAL_CONFIG) if model else (1.0, "bilinear")
+    """(crop_pct, interpolation) for eval: the config's values, else the reference's for `model` (an unknown
+    model is an error)."""
+    spec = models.model_spec(model) if model else None
+    table_pct, table_interp = (spec.crop_pct, spec.interpolation) if spec else (1.0, "bilinear")
     return (_get(config, "crop_pct") or table_pct, _get(config, "eval_interpolation") or table_interp)
 
 

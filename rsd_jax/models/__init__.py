@@ -4,55 +4,102 @@ Every model is a flax.linen Module taking NHWC float images and returning `(logi
 `features["pre_logits"]` is the classifier's input and `features["stage1"]`..`["stage4"]` are the stage outputs
 the reference's feature distillers use (RSD_SPEC §3). Parameter names mirror timm's module names (`layer1.0` is
 `layer1_0`), so the converter's tables are lists of renames.
+
+A model's facts live beside it: each family module (`FAMILIES`) has `MODELS = {name: ModelSpec(...)}` and
+`build(**kwargs) -> nn.Module`; the names here, the eval transform's crop and the `:smoke` presets are read from
+those tables.
 """
 import dataclasses
+import functools
 import importlib
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from rsd_jax.errors import UserError
 
-# name -> family module (rsd_jax.models.<family>). Each family module has `MODELS`: name -> constructor kwargs,
-# and `build(**kwargs) -> nn.Module`.
-_FAMILY_OF = {
-    "resnet18": "resnet", "resnet34": "resnet", "resnet50": "resnet",
-    "vit_small_patch16_224": "vit", "vit_base_patch16_224": "vit", "deit_tiny_patch16_224": "vit",
-    "swin_tiny_patch4_window7_224": "swin", "swin_base_patch4_window7_224": "swin",
-    "swin_nano_patch4_window7_224": "swin", "swin_pico_patch4_window7_224": "swin",
-    "convnext_tiny": "convnext",
-    "mixer_b16_224": "mixer", "resmlp_12_224": "mixer",
-    "mobilenetv2_100": "mobilenetv2",
-}
+FAMILIES = ("resnet", "mobilenetv2", "vit", "swin", "convnext", "mixer")   # modules rsd_jax.models.<family>
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model's facts, declared in its family's `MODELS` table. Every field but `smoke` is required."""
+    kwargs: dict            # constructor arguments besides num_classes: timm's architecture
+    crop_pct: float         # eval resize: floor(size / crop_pct), then a centre crop, with `interpolation`,
+    interpolation: str      # "bilinear" or "bicubic"; both from timm 0.6.5's default cfg, the reference's timm
+    stages: tuple           # the reference's feature-list index of stage1..4 at these kwargs (RSD_SPEC §3); the
+                            # module's reference_stage_indices() must derive the same (it also serves other sizes)
+    smoke: Optional[dict] = None   # overrides giving a tiny member (32x32 inputs) for `:smoke` runs
 
 
 class UnknownModelError(UserError, ValueError):
     pass
 
 
+@functools.cache
+def _registry():
+    """{name: (family module, ModelSpec)} from every family's table, checked once: a model without its facts, or
+    whose module's `reference_stage_indices()` disagrees with its declared stages, is an error here."""
+    registry = {}
+    for family_name in FAMILIES:
+        family = importlib.import_module(f"rsd_jax.models.{family_name}")
+        for name, spec in family.MODELS.items():
+            problem = f"is also in {registry[name][0].__name__}" if name in registry else _spec_problem(family, spec)
+            if problem:
+                raise TypeError(f"rsd_jax/models/{family_name}.py: MODELS[{name!r}] {problem}")
+            registry[name] = (family, spec)
+    return registry
+
+
+def _spec_problem(family, spec):
+    if not isinstance(spec, ModelSpec):
+        return f"is a {type(spec).__name__}, not a ModelSpec"
+    if not isinstance(spec.crop_pct, float) or not 0 < spec.crop_pct <= 1:
+        return f"has crop_pct {spec.crop_pct!r}, not a float in (0, 1]"
+    if spec.interpolation not in ("bilinear", "bicubic"):
+        return f"has interpolation {spec.interpolation!r}, not 'bilinear' or 'bicubic'"
+    derived = family.build(**spec.kwargs).reference_stage_indices()
+    if derived != tuple(spec.stages):
+        return f"declares stages {tuple(spec.stages)} where its module derives {derived}"
+    return None
+
+
 def list_models():
-    return sorted(_FAMILY_OF)
+    return sorted(_registry())
+
+
+def _entry(name):
+    if name not in _registry():
+        raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    return _registry()[name]
 
 
 def family_of(name):
-    if name not in _FAMILY_OF:
-        raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(list_models())}")
-    return _FAMILY_OF[name]
+    return _entry(name)[0].__name__.rsplit(".", 1)[-1]
 
 
-def _family_module(name):
-    return importlib.import_module(f"rsd_jax.models.{family_of(name)}")
+def model_spec(name):
+    """The `ModelSpec` of `name`: its constructor kwargs, eval crop and interpolation, stages, smoke overrides."""
+    return _entry(name)[1]
+
+
+def specs():
+    """{name: ModelSpec} of every model, by name."""
+    return {name: _registry()[name][1] for name in list_models()}
 
 
 def model_kwargs(name, num_classes=1000, **overrides):
-    """The constructor kwargs of `name` with `num_classes` and `overrides` applied (unknown keys rejected)."""
-    family = _family_module(name)
-    kwargs = dict(family.MODELS[name], num_classes=num_classes)
+    """The constructor kwargs of `name` with `num_classes` and `overrides` applied (unknown keys rejected). Lists
+    in the overrides (a JSON round trip turns tuples into lists) become tuples, so every module is hashable."""
+    family, spec = _entry(name)
+    kwargs = dict(spec.kwargs, num_classes=num_classes)
     module = family.build(**kwargs)
     fields = {f.name for f in dataclasses.fields(module)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise UnknownModelError(f"{name}: unknown model option(s) {unknown}")
+    overrides = {key: _tuples(value) for key, value in overrides.items()}
     for key, value in overrides.items():
         current = getattr(module, key)
         if not _same_kind(value, current):
@@ -62,10 +109,13 @@ def model_kwargs(name, num_classes=1000, **overrides):
     return kwargs
 
 
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def _same_kind(value, like):
-    """Whether an override has the type of the option's default: bool, int, number, str, or a sequence whose items
-    each have the kind of one of the default's items (JSON round trips turn tuples into lists); anything goes where
-    the default is None."""
+    """Whether an override has the type of the option's default: bool, int, number, str, or a tuple whose items
+    each have the kind of one of the default's items; anything goes where the default is None."""
     if isinstance(like, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(like, bool)
     if isinstance(like, int):
@@ -74,14 +124,13 @@ def _same_kind(value, like):
         return isinstance(value, (int, float))
     if isinstance(like, str):
         return isinstance(value, str)
-    if isinstance(like, (tuple, list)):
-        return isinstance(value, (tuple, list)) and (not like or all(any(_same_kind(v, u) for u in like)
-                                                                    for v in value))
+    if isinstance(like, tuple):
+        return isinstance(value, tuple) and (not like or all(any(_same_kind(v, u) for u in like) for v in value))
     return True
 
 
 def create_model(name, num_classes=1000, **overrides):
-    return _family_module(name).build(**model_kwargs(name, num_classes, **overrides))
+    return _entry(name)[0].build(**model_kwargs(name, num_classes, **overrides))
 
 
 def input_shape(model, batch=1):

@@ -7,35 +7,22 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
-from rsd_jax.models import layers
+from rsd_jax.models import ModelSpec, layers
 
 MODELS = {
-    "convnext_tiny": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),
+    # timm 1.x evaluates convnext_tiny at 0.95; the reference's timm 0.6.5 at 0.875
+    "convnext_tiny": ModelSpec(dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)), crop_pct=0.875,
+                               interpolation="bicubic", stages=(0, 1, 2, 3),
+                               smoke=dict(img_size=32, patch_size=2, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))),
 }
 
 _init = dict(kernel_init=layers.trunc_normal_02, bias_init=nn.initializers.zeros)
 
 
-def drop_path_rates(drop_path_rate, depths):
-    """timm's schedule: linear from 0 to `drop_path_rate` over all blocks of all stages."""
-    return [float(r) for r in np.linspace(0.0, drop_path_rate, sum(depths))]
-
-
 def _norm(eps, name):
     # Two-pass variance as torch computes it; the fast E[x^2]-E[x]^2 form loses precision on the residual stream.
     return layers.LayerNorm(eps, name=name)
-
-
-class Mlp(nn.Module):
-    hidden: int
-    out: int
-
-    @nn.compact
-    def __call__(self, x):
-        x = layers.gelu(nn.Dense(self.hidden, name="fc1", **_init)(x))
-        return nn.Dense(self.out, name="fc2", **_init)(x)
 
 
 class Block(nn.Module):
@@ -52,7 +39,7 @@ class Block(nn.Module):
         y = nn.Conv(self.dim, (k, k), padding=[(k // 2, k // 2)] * 2, feature_group_count=self.dim,
                     name="conv_dw", **_init)(x)
         y = _norm(self.norm_eps, "norm")(y)
-        y = Mlp(int(self.mlp_ratio * self.dim), self.dim, name="mlp")(y)
+        y = layers.Mlp(int(self.mlp_ratio * self.dim), name="mlp")(y, train)
         gamma = self.param("gamma", nn.initializers.constant(self.ls_init_value), (self.dim,))
         return x + layers.DropPath(self.drop_path)(y * gamma, train)
 
@@ -115,13 +102,12 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"patch_size must be 1, 2 or 4, got {p}")
         x = nn.Conv(self.dims[0], (p, p), strides=(p, p), padding="VALID", name="stem_0", **_init)(x)
         x = _norm(self.norm_eps, "stem_1")(x)
-        rates = drop_path_rates(self.drop_path_rate, self.depths)
-        feats, start = {}, 0
+        rates = layers.drop_path_rates(self.drop_path_rate, self.depths)
+        feats = {}
         for s, (depth, dim) in enumerate(zip(self.depths, self.dims)):
             # timm: stages after the first downsample by 2, and so does the first one after a stride-2 stem
             x = Stage(dim, depth, s > 0 or p == 2, self.kernel_size, self.mlp_ratio, self.ls_init_value, self.norm_eps,
-                      tuple(rates[start:start + depth]), name=f"stages_{s}")(x, train)
-            start += depth
+                      tuple(rates[s]), name=f"stages_{s}")(x, train)
             feats[f"stage{s + 1}"] = x
         logits, feats["pre_logits"] = Head(self.num_classes, self.norm_eps, self.drop_rate, name="head")(x, train)
         return logits, feats

@@ -1,9 +1,11 @@
 """Building blocks with torch/timm numerics (see shared/STYLE.md, 'Numerics that silently break parity')."""
+import functools
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def gelu(x):
@@ -99,3 +101,27 @@ class DropPath(nn.Module):
         keep = 1.0 - self.rate
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
         return jnp.where(mask, x / keep, 0.0)
+
+
+def drop_path_rates(drop_path_rate, depths):
+    """timm's stochastic depth (`calculate_drop_path_rates`), linear from 0 at the first block to `drop_path_rate`
+    at the last: a list of rates for an int depth, one list per stage for a sequence of stage depths. (Mixer's
+    constant rate and EfficientNet's rate * i / n are other schedules.)"""
+    if isinstance(depths, int):
+        return np.linspace(0.0, drop_path_rate, depths).tolist()
+    rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
+    return [rates[end - depth:end] for depth, end in zip(depths, np.cumsum(depths).tolist())]
+
+
+class Mlp(nn.Module):
+    """timm's Mlp: `fc1` -> exact GELU -> dropout -> `fc2` (back to the input width) -> dropout."""
+    hidden: int
+    drop_rate: float = 0.0
+    kernel_init: Callable = trunc_normal_02
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        dense = functools.partial(nn.Dense, kernel_init=self.kernel_init, bias_init=self.bias_init)
+        y = nn.Dropout(self.drop_rate, deterministic=not train)(gelu(dense(self.hidden, name="fc1")(x)))
+        return nn.Dropout(self.drop_rate, deterministic=not train)(dense(x.shape[-1], name="fc2")(y))

@@ -4,24 +4,29 @@ Both share the stem (`stem.proj`, a patch conv), a stack of `blocks.j`, a final 
 and a linear `head`. Mixer blocks use LayerNorm (eps 1e-6) and two-layer MLPs over tokens and channels; ResMLP
 blocks use `Affine` "norms" (alpha, beta of shape (1, 1, D)), one token Linear and per-channel layer scales.
 """
+import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rsd_jax.models import layers
+from rsd_jax.models import ModelSpec, layers
 from rsd_jax.models.vit import default_stage_blocks   # the same block-output feature list as ViT
 
+_SMOKE = dict(img_size=32, patch_size=8, embed_dim=32, depth=2)
 MODELS = {
-    "mixer_b16_224": dict(block="mixer", patch_size=16, embed_dim=768, depth=12, mlp_ratio_tokens=0.5,
-                          mlp_ratio_channels=4.0),
-    "resmlp_12_224": dict(block="resmlp", patch_size=16, embed_dim=384, depth=12, mlp_ratio_channels=4.0,
-                          init_values=1e-4),
+    "mixer_b16_224": ModelSpec(dict(block="mixer", patch_size=16, embed_dim=768, depth=12, mlp_ratio_tokens=0.5,
+                                    mlp_ratio_channels=4.0),
+                               crop_pct=0.875, interpolation="bicubic", stages=(1, 3, 9, 11), smoke=_SMOKE),
+    "resmlp_12_224": ModelSpec(dict(block="resmlp", patch_size=16, embed_dim=384, depth=12, mlp_ratio_channels=4.0,
+                                    init_values=1e-4),
+                               crop_pct=0.875, interpolation="bicubic", stages=(1, 3, 9, 11), smoke=_SMOKE),
 }
 
 # timm's Mixer init: xavier-uniform Linear weights, near-zero MLP biases, lecun-normal patch conv, zero head.
 _dense = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros)
-_mlp = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(1e-6))
+Mlp = functools.partial(layers.Mlp, kernel_init=nn.initializers.xavier_uniform(),
+                        bias_init=nn.initializers.normal(1e-6))
 
 
 def drop_path_rates(drop_path_rate, depth):
@@ -38,20 +43,6 @@ class Affine(nn.Module):
         alpha = self.param("alpha", nn.initializers.ones, (1, 1, self.dim))
         beta = self.param("beta", nn.initializers.zeros, (1, 1, self.dim))
         return beta + alpha * x
-
-
-class Mlp(nn.Module):
-    """timm Mlp: fc1 -> GELU -> dropout -> fc2 -> dropout."""
-    hidden: int
-    out: int
-    drop: float = 0.0
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = layers.gelu(nn.Dense(self.hidden, name="fc1", **_mlp)(x))
-        x = nn.Dropout(self.drop, deterministic=not train)(x)
-        x = nn.Dense(self.out, name="fc2", **_mlp)(x)
-        return nn.Dropout(self.drop, deterministic=not train)(x)
 
 
 def _over_tokens(fn, x):
@@ -71,11 +62,11 @@ class MixerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         drop_path = layers.DropPath(self.drop_path)
-        tokens = Mlp(int(self.mlp_ratio_tokens * self.dim), self.seq_len, self.drop, name="mlp_tokens")
+        tokens = Mlp(int(self.mlp_ratio_tokens * self.dim), self.drop, name="mlp_tokens")
         y = layers.LayerNorm(self.norm_eps, name="norm1")(x)
         x = x + drop_path(_over_tokens(lambda t: tokens(t, train), y), train)
         y = layers.LayerNorm(self.norm_eps, name="norm2")(x)
-        y = Mlp(int(self.mlp_ratio_channels * self.dim), self.dim, self.drop, name="mlp_channels")(y, train)
+        y = Mlp(int(self.mlp_ratio_channels * self.dim), self.drop, name="mlp_channels")(y, train)
         return x + drop_path(y, train)
 
 
@@ -95,7 +86,7 @@ class ResBlock(nn.Module):
         linear_tokens = nn.Dense(self.seq_len, name="linear_tokens", **_dense)
         y = _over_tokens(linear_tokens, Affine(self.dim, name="norm1")(x))
         x = x + drop_path(ls1 * y, train)
-        y = Mlp(int(self.mlp_ratio_channels * self.dim), self.dim, self.drop, name="mlp_channels")(
+        y = Mlp(int(self.mlp_ratio_channels * self.dim), self.drop, name="mlp_channels")(
             Affine(self.dim, name="norm2")(x), train)
         return x + drop_path(ls2 * y, train)
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsd_jax.models import layers
+from rsd_jax.models import ModelSpec, layers
 
 # One row per stage: (block type, repeats, kernel, stride of the first block, expansion, output channels), as
 # timm's 'ds_r1_k3_s1_c16', 'ir_r2_k3_s2_e6_c24', ...
@@ -19,7 +19,8 @@ ARCH = (("ds", 1, 3, 1, 1, 16), ("ir", 2, 3, 2, 6, 24), ("ir", 3, 3, 2, 6, 32), 
         ("ir", 3, 3, 1, 6, 96), ("ir", 3, 3, 2, 6, 160), ("ir", 1, 3, 1, 6, 320))
 
 MODELS = {
-    "mobilenetv2_100": dict(channel_multiplier=1.0),
+    "mobilenetv2_100": ModelSpec(dict(channel_multiplier=1.0), crop_pct=0.875, interpolation="bicubic",
+                                 stages=(2, 5, 12, 17), smoke=dict(img_size=32, channel_multiplier=0.25)),
 }
 
 

@@ -12,12 +12,16 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rsd_jax.models import layers
+from rsd_jax.models import ModelSpec, layers
 
 MODELS = {
-    "resnet18": dict(layers=(2, 2, 2, 2), block="basic"),
-    "resnet34": dict(layers=(3, 4, 6, 3), block="basic"),
-    "resnet50": dict(layers=(3, 4, 6, 3), block="bottleneck"),
+    # resnet18: timm 1.x evaluates at 0.95 bicubic (its a1 weights); the reference's timm 0.6.5 at 0.875 bilinear
+    "resnet18": ModelSpec(dict(layers=(2, 2, 2, 2), block="basic"), crop_pct=0.875, interpolation="bilinear",
+                          stages=(0, 1, 2, 3), smoke=dict(img_size=32, widths=(8, 16, 16, 32), layers=(1, 1, 1, 1))),
+    "resnet34": ModelSpec(dict(layers=(3, 4, 6, 3), block="basic"), crop_pct=0.875, interpolation="bilinear",
+                          stages=(0, 1, 2, 3)),
+    "resnet50": ModelSpec(dict(layers=(3, 4, 6, 3), block="bottleneck"), crop_pct=0.95, interpolation="bicubic",
+                          stages=(0, 1, 2, 3)),
 }
 
 EXPANSION = {"basic": 1, "bottleneck": 4}
@@ -79,16 +83,15 @@ class ResNet(nn.Module):
         x = nn.relu(layers.batch_norm(train, name="bn1")(conv(stem, 7, 2, "conv1")(x)))
         x = layers.max_pool(x, 3, 2, (1, 1))
 
-        features = {}
-        total, index, channels = sum(self.layers), 0, stem
+        features, channels = {}, stem
+        rates = layers.drop_path_rates(self.drop_path_rate, self.layers)
         for s, (depth, planes) in enumerate(zip(self.layers, self.widths)):
             for b in range(depth):
                 stride = 2 if (s > 0 and b == 0) else 1
                 out = planes * EXPANSION[self.block]
-                rate = self.drop_path_rate * index / max(total - 1, 1)
-                x = Block(planes, stride, self.block, project=(stride != 1 or channels != out), drop_path=rate,
+                x = Block(planes, stride, self.block, project=(stride != 1 or channels != out), drop_path=rates[s][b],
                           name=f"layer{s + 1}_{b}")(x, train)
-                channels, index = out, index + 1
+                channels = out
             features[f"stage{s + 1}"] = x
 
         x = jnp.mean(x, axis=(1, 2))
@@ -100,6 +103,5 @@ class ResNet(nn.Module):
 
 
 def build(**kwargs):
-    # Overrides read back from JSON arrive as lists; keep the module hashable.
-    return ResNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    return ResNet(**kwargs)
 

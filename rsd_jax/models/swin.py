@@ -15,17 +15,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rsd_jax.models import layers
+from rsd_jax.models import ModelSpec, layers
 
 _STUDENT = dict(patch_size=4, window_size=7, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
+_SMOKE = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+_EVAL = dict(crop_pct=0.9, interpolation="bicubic")   # every Swin's timm cfg, and timm's fallback for nano/pico
 MODELS = {
-    "swin_tiny_patch4_window7_224": dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2),
-                                         num_heads=(3, 6, 12, 24)),
-    "swin_base_patch4_window7_224": dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2),
-                                         num_heads=(4, 8, 16, 32)),
+    "swin_tiny_patch4_window7_224": ModelSpec(dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2),
+                                                   num_heads=(3, 6, 12, 24)),
+                                              stages=(1, 3, 9, 11), smoke=_SMOKE, **_EVAL),
+    "swin_base_patch4_window7_224": ModelSpec(dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2),
+                                                   num_heads=(4, 8, 16, 32)),
+                                              stages=(1, 3, 21, 23), **_EVAL),
     # The reference's own students (not registered in timm).
-    "swin_nano_patch4_window7_224": dict(_STUDENT, embed_dim=64),
-    "swin_pico_patch4_window7_224": dict(_STUDENT, embed_dim=48),
+    "swin_nano_patch4_window7_224": ModelSpec(dict(_STUDENT, embed_dim=64), stages=(1, 3, 5, 7), **_EVAL),
+    "swin_pico_patch4_window7_224": ModelSpec(dict(_STUDENT, embed_dim=48), stages=(1, 3, 5, 7), smoke=_SMOKE,
+                                              **_EVAL),
 }
 
 _dense = functools.partial(nn.Dense, kernel_init=layers.trunc_normal_02, bias_init=nn.initializers.zeros)
@@ -75,12 +80,6 @@ def shifted_window_mask(padded, window, shift):
     return np.where(ids[:, None, :] != ids[:, :, None], _MASKED, 0.0).astype(np.float32)
 
 
-def drop_path_rates(drop_path_rate, depths):
-    """timm's stochastic-depth schedule: linear from 0 to the rate over all blocks, split per stage."""
-    rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
-    return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
-
-
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside each window, with a learned relative-position bias."""
     dim: int
@@ -110,19 +109,6 @@ class WindowAttention(nn.Module):
         out = jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(b, nw, n, self.dim)
         out = _dense(self.dim, name="proj")(out)
         return nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
-
-
-class Mlp(nn.Module):
-    hidden: int
-    drop_rate: float = 0.0
-
-    @nn.compact
-    def __call__(self, x, train):
-        dim = x.shape[-1]
-        x = layers.gelu(_dense(self.hidden, name="fc1")(x))
-        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-        x = _dense(dim, name="fc2")(x)
-        return nn.Dropout(self.drop_rate)(x, deterministic=not train)
 
 
 class SwinBlock(nn.Module):
@@ -155,7 +141,8 @@ class SwinBlock(nn.Module):
             y = jnp.roll(y, shift, axis=(1, 2))
         x = x + layers.DropPath(self.drop_path, name="drop_path1")(y, train)
 
-        y = Mlp(int(c * self.mlp_ratio), self.proj_drop_rate, name="mlp")(layers.LayerNorm(name="norm2")(x), train)
+        y = layers.Mlp(int(c * self.mlp_ratio), self.proj_drop_rate, name="mlp")(
+            layers.LayerNorm(name="norm2")(x), train)
         return x + layers.DropPath(self.drop_path, name="drop_path2")(y, train)
 
 
@@ -240,7 +227,7 @@ class SwinTransformer(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = PatchEmbed(self.patch_size, self.embed_dim, name="patch_embed")(x)
-        rates = drop_path_rates(self.drop_path_rate, self.depths)
+        rates = layers.drop_path_rates(self.drop_path_rate, self.depths)
         features = {}
         for i, depth in enumerate(self.depths):
             x = SwinStage(self.embed_dim * 2 ** i, depth, self.num_heads[i], self.window_size, downsample=i > 0,

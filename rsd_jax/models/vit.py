@@ -16,16 +16,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsd_jax.models import layers
+from rsd_jax.models import ModelSpec, layers
 
+_SMOKE = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+_EVAL = dict(crop_pct=0.9, interpolation="bicubic")   # timm's ViT and DeiT cfg
 MODELS = {
-    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "deit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": ModelSpec(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+                                       stages=(1, 3, 9, 11), smoke=_SMOKE, **_EVAL),
+    "vit_base_patch16_224": ModelSpec(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+                                      stages=(1, 3, 9, 11), **_EVAL),
+    "deit_tiny_patch16_224": ModelSpec(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+                                       stages=(1, 3, 9, 11), smoke=_SMOKE, **_EVAL),
 }
-
-# The reference's stage indices for depth 12 (RSD_SPEC §3): block outputs 1, 3, 9, 11.
-REFERENCE_STAGE_BLOCKS = (1, 3, 9, 11)
 
 LayerNorm = functools.partial(layers.LayerNorm, 1e-6)   # timm ViT: eps 1e-6
 Dense = lambda features, name, **kw: nn.Dense(features, kernel_init=layers.trunc_normal_02,  # noqa: E731
@@ -78,17 +80,6 @@ class Attention(nn.Module):
         return nn.Dropout(self.proj_drop_rate, deterministic=not train)(y)
 
 
-class Mlp(nn.Module):
-    hidden: int
-    drop_rate: float = 0.0
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        d = x.shape[-1]
-        x = nn.Dropout(self.drop_rate, deterministic=not train)(layers.gelu(Dense(self.hidden, "fc1")(x)))
-        return nn.Dropout(self.drop_rate, deterministic=not train)(Dense(d, "fc2")(x))
-
-
 class Block(nn.Module):
     num_heads: int
     mlp_hidden: int
@@ -103,8 +94,8 @@ class Block(nn.Module):
         y = Attention(self.num_heads, self.qkv_bias, self.attn_drop_rate, self.proj_drop_rate, name="attn")(
             layers.LayerNorm(self.norm_eps, name="norm1")(x), train)
         x = x + layers.DropPath(self.drop_path)(y, train)
-        y = Mlp(self.mlp_hidden, self.proj_drop_rate, name="mlp")(layers.LayerNorm(self.norm_eps, name="norm2")(x),
-                                                                   train)
+        y = layers.Mlp(self.mlp_hidden, self.proj_drop_rate, name="mlp")(
+            layers.LayerNorm(self.norm_eps, name="norm2")(x), train)
         return x + layers.DropPath(self.drop_path)(y, train)
 
 
@@ -144,8 +135,7 @@ class VisionTransformer(nn.Module):
         x = nn.Dropout(self.pos_drop_rate, deterministic=not train)(x)
 
         features = {}
-        for i in range(self.depth):
-            rate = self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0   # torch.linspace
+        for i, rate in enumerate(layers.drop_path_rates(self.drop_path_rate, self.depth)):
             x = Block(self.num_heads, int(d * self.mlp_ratio), self.qkv_bias, self.attn_drop_rate,
                       self.proj_drop_rate, rate, name=f"blocks_{i}")(x, train)
             for s, b in enumerate(stage_blocks, start=1):
@@ -159,5 +149,4 @@ class VisionTransformer(nn.Module):
 
 
 def build(**kwargs):
-    # Overrides read back from JSON arrive as lists; keep the module hashable.
-    return VisionTransformer(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    return VisionTransformer(**kwargs)
