@@ -54,8 +54,8 @@ def max_pool(x, window, stride, padding):
     """torch.nn.MaxPool2d on NHWC (pads with -inf) as the maximum of window-offset strided slices.
 
     Same forward as `nn.max_pool`, but its gradient is elementwise selects and pads that XLA fuses, where
-    reduce_window's is a select-and-scatter: that scatter was 1.2 ms of a 50.8 ms H100 step of Swin-T -> ResNet18
-    (on CPU, alone 199 -> 56 ms forward+backward; inside ResNet18's step no change). On an exact tie inside a
+    reduce_window's is a select-and-scatter, which showed in the GPU profile of the Swin-T -> ResNet18 step (README,
+    Speed, has the measurements). On an exact tie inside a
     window the gradient is shared between the tied inputs (torch gives it all to the first); after a ReLU, ties
     at zero get no gradient either way.
     """
