@@ -1,8 +1,8 @@
-"""The reference's recipes (RSD_SPEC §4.2) and the pieces every pair config shares.
+"""The reference's recipes (docs/reference.md §4.2) and the pieces every pair config shares.
 
 Defaults reproduce the reference's setting on 2 GPUs: a global batch of 256 in 2 statistics groups of 128 (RSD's
 standardisation and BatchNorm statistics per group, as per GPU), no learning-rate scaling with the batch.
-Where the reference has a bug (RSD_SPEC §7) the configs follow the intended behaviour; see rsd_jax/distillers.
+Where the reference has a bug (docs/reference.md §7) the configs follow the intended behaviour; see rsd_jax/distillers.
 """
 import types
 

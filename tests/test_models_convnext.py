@@ -63,7 +63,7 @@ def test_stage_table_at_224(full_timm):
         (0, (56, 56, 96), "map"), (1, (28, 28, 192), "map"), (2, (14, 14, 384), "map"), (3, (7, 7, 768), "map")]
     shapes = models.init_shapes(models.create_model("convnext_tiny", num_classes=100))
     n = sum(np.prod(a.shape) for a in jax.tree.leaves(shapes))
-    assert n == sum(p.numel() for p in full_timm.parameters())   # 27.90M (RSD_SPEC §3)
+    assert n == sum(p.numel() for p in full_timm.parameters())   # 27.90M (docs/reference.md §3)
 
 
 def test_drop_path_schedule_matches_timm():

@@ -23,7 +23,7 @@ def _timm(name, seed, num_classes, **kw):
 
 
 def _reference_feats(t, xt):
-    """The reference's feature list: every block output, then bn2(conv_head(.)) (RSD_SPEC §3)."""
+    """The reference's feature list: every block output, then bn2(conv_head(.)) (docs/reference.md §3)."""
     outs = []
     hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o)) for stage in t.blocks for b in stage]
     hooks.append(t.bn2.register_forward_hook(lambda m, i, o: outs.append(o)))
@@ -93,7 +93,7 @@ def test_stage_table_at_224(full_timm):
     assert [(s.ref_index, s.shape, s.kind) for s in models.stage_table(model)] == [
         (2, (56, 56, 24), "map"), (5, (28, 28, 32), "map"), (12, (14, 14, 96), "map"), (17, (7, 7, 1280), "map")]
     n = sum(np.prod(a.shape) for a in jax.tree.leaves(models.init_shapes(model)["params"]))
-    assert n == sum(p.numel() for p in full_timm.parameters())   # 2.35M (RSD_SPEC §3)
+    assert n == sum(p.numel() for p in full_timm.parameters())   # 2.35M (docs/reference.md §3)
 
 
 def test_drop_path_schedule_matches_timm():

@@ -101,7 +101,7 @@ def to_timm06(state_dict, model):
 
 
 def test_timm06_layout_swin_tiny_keys():
-    """The reference's Swin-T teacher layout (RSD_SPEC §6.2) normalises to exactly the timm 1.x state_dict."""
+    """The reference's Swin-T teacher layout (docs/reference.md §6.2) normalises to exactly the timm 1.x state_dict."""
     tm = timm_swin(TINY, 100, seed=3)
     sd = numpy_state_dict(tm)
     old = to_timm06(sd, tm)
@@ -165,7 +165,7 @@ def test_train_mode_and_drop_path():
                                atol=1e-7)
 
 
-STAGES = {  # RSD_SPEC §3: (reference indices, embed dim); tokens at 224 are (3136, C) ... (49, 8C)
+STAGES = {  # docs/reference.md §3: (reference indices, embed dim); tokens at 224 are (3136, C) ... (49, 8C)
     TINY: ((1, 3, 9, 11), 96),
     "swin_base_patch4_window7_224": ((1, 3, 21, 23), 128),
     "swin_nano_patch4_window7_224": ((1, 3, 5, 7), 64),

@@ -1,4 +1,4 @@
-"""ConvNeXt key table: timm 0.6.x and 1.x share one layout (RSD_SPEC §6.3) and the default name rule covers it
+"""ConvNeXt key table: timm 0.6.x and 1.x share one layout (docs/reference.md §6.3) and the default name rule covers it
 (LayerNorm2d/LayerNorm weight <-> scale, `gamma` keeps its name), so there are no renames."""
 import re
 

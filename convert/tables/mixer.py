@@ -1,4 +1,4 @@
-"""MLP-Mixer / ResMLP key table: timm 0.6.x and 1.x share one layout (RSD_SPEC §6.3) and the default name rule
+"""MLP-Mixer / ResMLP key table: timm 0.6.x and 1.x share one layout (docs/reference.md §6.3) and the default name rule
 covers it (Affine `alpha`/`beta` and ResMLP `ls1`/`ls2` keep their names), so there are no renames."""
 import math
 import re

@@ -1,4 +1,4 @@
-"""MobileNetV2 key table: timm 0.6.x and 1.x share one layout (RSD_SPEC §6.3) and the default name rule covers it
+"""MobileNetV2 key table: timm 0.6.x and 1.x share one layout (docs/reference.md §6.3) and the default name rule covers it
 (`blocks_3_1` <-> `blocks.3.1`, BatchNorm running stats <-> batch_stats), so there are no renames."""
 import re
 

@@ -1,5 +1,5 @@
 """Swin Transformer keys: timm 1.x names follow the default rule; timm 0.6.x checkpoints (the reference's
-teachers, RSD_SPEC §6.2-6.3) are renamed to the 1.x layout first."""
+teachers, docs/reference.md §6.2-6.3) are renamed to the 1.x layout first."""
 import re
 
 from convert.core import ConversionError

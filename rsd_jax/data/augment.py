@@ -1,6 +1,6 @@
 """On-device augmentation, inside the jitted step: uint8 NHWC batches in, normalised float32 out.
 
-The reference's CIFAR recipe (timm 0.6.5 `create_transform`, RSD_SPEC §4.1), per example and vectorised:
+The reference's CIFAR recipe (timm 0.6.5 `create_transform`, docs/reference.md §4.1), per example and vectorised:
 random resized crop on the source image, resized to the student's size with bilinear or bicubic (PIL's
 resampling), horizontal flip, optional RandAugment on the uint8 image, normalisation; then, on the batch,
 mixup/cutmix with soft targets (`mix`) and random erasing (`random_erase`). Images stay float32 holding

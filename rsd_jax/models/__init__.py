@@ -2,7 +2,7 @@
 
 Every model is a flax.linen Module taking NHWC float images and returning `(logits, features)`, where
 `features["pre_logits"]` is the classifier's input and `features["stage1"]`..`["stage4"]` are the stage outputs
-the reference's feature distillers use (RSD_SPEC §3). Parameter names mirror timm's module names (`layer1.0` is
+the reference's feature distillers use (docs/reference.md §3). Parameter names mirror timm's module names (`layer1.0` is
 `layer1_0`), so the converter's tables are lists of renames.
 
 A model's facts live beside it: each family module (`FAMILIES`) has `MODELS = {name: ModelSpec(...)}` and
@@ -28,7 +28,7 @@ class ModelSpec:
     kwargs: dict            # constructor arguments besides num_classes: timm's architecture
     crop_pct: float         # eval resize: floor(size / crop_pct), then a centre crop, with `interpolation`,
     interpolation: str      # "bilinear" or "bicubic"; both from timm 0.6.5's default cfg, the reference's timm
-    stages: tuple           # the reference's feature-list index of stage1..4 at these kwargs (RSD_SPEC §3); the
+    stages: tuple           # the reference's feature-list index of stage1..4 at these kwargs (docs/reference.md §3); the
                             # module's reference_stage_indices() must derive the same (it also serves other sizes)
     smoke: Optional[dict] = None   # overrides giving a tiny member (32x32 inputs) for `:smoke` runs
 
@@ -149,7 +149,7 @@ def init_shapes(model, batch=1):
 class Stage:
     """One stage output usable by feature distillers (FitNet, OFA)."""
     name: str          # "stage1".."stage4", the key in the features dict
-    ref_index: int     # index of the same tensor in the reference's feature list (RSD_SPEC §3)
+    ref_index: int     # index of the same tensor in the reference's feature list (docs/reference.md §3)
     shape: tuple       # per-example shape: (H, W, C) for maps, (L, C) for tokens (prefix tokens included)
     kind: str          # "map" or "tokens"
 

@@ -92,7 +92,7 @@ class ConvNeXt(nn.Module):
     drop_path_rate: float = 0.0   # timm default for convnext_tiny
 
     def reference_stage_indices(self):
-        return (0, 1, 2, 3)       # feats = [stage0..stage3 outputs, pre_logits] (RSD_SPEC §3)
+        return (0, 1, 2, 3)       # feats = [stage0..stage3 outputs, pre_logits] (docs/reference.md §3)
 
     @nn.compact
     def __call__(self, x, train: bool = False):

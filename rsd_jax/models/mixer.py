@@ -118,7 +118,7 @@ class MlpMixer(nn.Module):
     drop_rate: float = 0.0               # before the head
     proj_drop_rate: float = 0.0          # inside the MLPs
     drop_path_rate: float = 0.0          # timm default for both
-    stage_blocks: Optional[Sequence[int]] = None   # None: (1, 3, 9, 11) at depth 12 (RSD_SPEC §3), scaled else
+    stage_blocks: Optional[Sequence[int]] = None   # None: (1, 3, 9, 11) at depth 12 (docs/reference.md §3), scaled else
 
     def reference_stage_indices(self):
         # feats = [block outputs..., pre_logits], so a block index is its index

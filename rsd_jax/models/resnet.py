@@ -5,7 +5,7 @@ or Bottlenecks (resnet50); the first block of stages 2-4 downsamples with stride
 projection shortcut (`downsample.0` conv, `downsample.1` BatchNorm). Head: global average pool, dropout, `fc`.
 
 Features: `stage1..4` are the layer1..4 outputs (NHWC), `pre_logits` their global average pool (the reference's
-feature list is exactly these five tensors, RSD_SPEC §3).
+feature list is exactly these five tensors, docs/reference.md §3).
 """
 from typing import Sequence
 

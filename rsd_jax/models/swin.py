@@ -5,7 +5,7 @@ stage i >= 1, and the classifier is `head/fc`. Window size and shift are derived
 resolution at trace time: a stage whose resolution is <= the window gets a window equal to its resolution and no
 shift (timm's rule). The relative-position index and the shifted-window masks are numpy constants, not variables.
 
-Features (RSD_SPEC §3): the reference lists every block output (before the next stage's downsample) as tokens,
+Features (docs/reference.md §3): the reference lists every block output (before the next stage's downsample) as tokens,
 then the final-norm tokens, then the pooled vector; `stage<s>` is the last block output of stage s, (B, H*W, C).
 """
 import functools
