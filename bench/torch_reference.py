@@ -1,7 +1,7 @@
 """The reference's distillation step re-stated in PyTorch + timm, from RSD_SPEC (§1.1-1.4, §2, §4.3-4.5).
 
-A plain eager implementation: the fidelity check (`python -m rsd_jax.step_check`) compares rsd_jax's jitted step
-against it, and the speed benchmark uses it as the PyTorch baseline.
+A plain eager implementation: the fidelity check (bench/step_check.py, `python -m rsd_jax.step_check`) compares
+rsd_jax's jitted step against it, and the speed benchmark uses it as the PyTorch baseline.
 
     ref = build(config, num_classes, steps_per_epoch)      # ref.student, ref.teacher, ref.extra, ref.optimizer
     losses = ref.step({"image": images, "target": targets})   # one optimizer step
