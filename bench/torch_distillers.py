@@ -1,4 +1,4 @@
-"""The distillers of RSD_SPEC §1-2 re-stated in PyTorch: the other side of `python -m rsd_jax.step_check`.
+"""The distillers of docs/reference.md §1-2 re-stated in PyTorch: the other side of `python -m rsd_jax.step_check`.
 
 Written from the spec's formulas, not from either code base. Each method is an nn.Module built by
 `build(method, section, num_classes, num_train_examples, student_example, teacher_example)` (the examples give the
@@ -10,7 +10,7 @@ A method that needs the whole global batch (CRD: its normaliser Z and its memory
 `begin_step(students, teachers, batches)` and `end_step()`, called around the groups.
 
 Module and parameter names are rsd_jax's Flax names under convert.core's rule (`blocks_0` <-> `blocks.0`), so one
-generic mapping moves their state both ways. Where rsd_jax deliberately departs from the reference (spec §7), this
+generic mapping moves their state both ways. Where rsd_jax deliberately departs from the reference (docs/reference.md §7), this
 follows rsd_jax and `DIFFERENCES[method]` says how.
 """
 import functools
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DIFFERENCES = {
-    "rsd": "only the pre-logit stage (spec §7.1); CE x gt_loss_weight (the reference ignores it, §7.2)",
+    "rsd": "only the pre-logit stage (docs/reference.md §7.1); CE x gt_loss_weight (the reference ignores it, §7.2)",
     "dkd": "alpha, beta, temperature read from the config (the reference crashes on missing attributes, §7.4)",
     "ofa": "log_softmax instead of log(softmax); prefix tokens counted from the token grid (§7.5, §7.17); "
            "the branch ViT blocks use LayerNorm eps 1e-6",
@@ -40,7 +40,7 @@ def standardize(x, eps=1e-5):
 
 
 def rsd_loss(student, teacher, kappa):
-    """RSD_SPEC §1.1 on one group's (B, D) features."""
+    """docs/reference.md §1.1 on one group's (B, D) features."""
     c = standardize(teacher).T @ standardize(student) / student.shape[0]
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     cost = (c - eye) ** 2
@@ -143,7 +143,7 @@ def linear_nchw(layer, x):
 
 # ------------------------------------------------------------------------------------------------ modules
 class Projector(nn.Module):
-    """RSD_SPEC §1.3: Linear(d_s, gamma d_s, no bias) -> BatchNorm1d -> exact GELU -> Linear(., d_t, no bias),
+    """docs/reference.md §1.3: Linear(d_s, gamma d_s, no bias) -> BatchNorm1d -> exact GELU -> Linear(., d_t, no bias),
     Linears trunc-normal(0.02)."""
 
     def __init__(self, d_student, d_teacher, gamma):
@@ -261,7 +261,7 @@ class CRD(nn.Module):
 
 
 class FitNetAligner(nn.Module):
-    """Student stage -> (prediction, target) NCHW grids of one shape (RSD_SPEC §2.2; rules in fitnet.py)."""
+    """Student stage -> (prediction, target) NCHW grids of one shape (docs/reference.md §2.2; rules in fitnet.py)."""
 
     def __init__(self, student_shape, teacher_shape):
         super().__init__()

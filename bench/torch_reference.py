@@ -1,7 +1,7 @@
-"""The reference's distillation step re-stated in PyTorch + timm, from RSD_SPEC (§1.1-1.4, §2, §4.3-4.5).
+"""The reference's distillation step re-stated in PyTorch + timm, from docs/reference.md (§1.1-1.4, §2, §4.3-4.5).
 
-A plain eager implementation: the fidelity check (`python -m rsd_jax.step_check`) compares rsd_jax's jitted step
-against it, and the speed benchmark uses it as the PyTorch baseline.
+A plain eager implementation: the fidelity check (bench/step_check.py, `python -m rsd_jax.step_check`) compares
+rsd_jax's jitted step against it, and the speed benchmark uses it as the PyTorch baseline.
 
     ref = build(config, num_classes, steps_per_epoch)      # ref.student, ref.teacher, ref.extra, ref.optimizer
     losses = ref.step({"image": images, "target": targets})   # one optimizer step
@@ -13,12 +13,12 @@ against it, and the speed benchmark uses it as the PyTorch baseline.
   groups after the step (the reference's distribute_bn; it runs per epoch there, the JAX side every step).
 * L = gt_loss_weight * CE(label smoothing) + the method's terms (bench/torch_distillers.py: RSD, KD, DKD, DIST,
   OFA, FitNet, CRD, RKD, CC). Soft (B, C) targets (mixup/cutmix) use soft-target CE. The method sees its group's
-  student and teacher outputs: logits, pre-logits and the four stage outputs of RSD_SPEC §3 (forward hooks on the
+  student and teacher outputs: logits, pre-logits and the four stage outputs of docs/reference.md §3 (forward hooks on the
   timm modules; maps NCHW, tokens (B, L, C)).
 * Optimizer: SGD with Nesterov momentum (timm's `sgd`) or AdamW; weight decay iff ndim > 1 over student and
   extra parameters (the optimizer is built on the distiller, which has no no_weight_decay()); gradient-norm
   clipping when configured; the LR constant within an epoch (timm's per-epoch cosine with linear warmup).
-* Deliberate differences kept from rsd_jax (RSD_SPEC §7) are listed in `ref.notes`.
+* Deliberate differences kept from rsd_jax (docs/reference.md §7) are listed in `ref.notes`.
 * `dtype=torch.float64` runs the same step in double precision: the fidelity check's measure of fp32 rounding.
 """
 import dataclasses
@@ -36,7 +36,7 @@ from rsd_jax import models
 
 
 def epoch_lr(optim, epoch):
-    """timm's CosineLRScheduler / StepLRScheduler value for `epoch` (RSD_SPEC §4.4), written from the formula."""
+    """timm's CosineLRScheduler / StepLRScheduler value for `epoch` (docs/reference.md §4.4), written from the formula."""
     if epoch < optim.warmup_epochs:
         return optim.warmup_lr + epoch * (optim.lr - optim.warmup_lr) / optim.warmup_epochs
     if optim.schedule == "cosine":
@@ -61,7 +61,7 @@ def features(model, x):
 
 
 def stage_modules(model, indices):
-    """The timm modules whose outputs are the reference's stage features (RSD_SPEC §3); `indices` index its list."""
+    """The timm modules whose outputs are the reference's stage features (docs/reference.md §3); `indices` index its list."""
     if hasattr(model, "layer1"):                                   # ResNet: layer1..4
         return [getattr(model, f"layer{i + 1}") for i in indices]
     if hasattr(model, "stages"):                                   # ConvNeXt: stages 0..3
@@ -222,7 +222,7 @@ class Reference:
 
 
 def make_optimizer(config, modules):
-    """timm create_optimizer_v2 on the distiller: decay iff ndim > 1 (RSD_SPEC §4.3)."""
+    """timm create_optimizer_v2 on the distiller: decay iff ndim > 1 (docs/reference.md §4.3)."""
     o = config.optim
     params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},

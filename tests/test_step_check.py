@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("timm")
 
+from bench import step_check  # noqa: E402
 from configs import presets  # noqa: E402
-from rsd_jax import step_check  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

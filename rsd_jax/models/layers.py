@@ -1,4 +1,4 @@
-"""Building blocks with torch/timm numerics (see shared/STYLE.md, 'Numerics that silently break parity')."""
+"""Building blocks with torch/timm numerics (docs/parity.md lists where they differ from Flax's defaults)."""
 import functools
 from typing import Callable
 
