@@ -22,7 +22,7 @@ import numpy as np
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-sys.path.insert(0, TESTS)
+sys.path[:0] = [REPO, TESTS]     # this checkout's rsd_jax, as the runs' `python -m` from REPO
 
 from test_reliability import CONFIG, student_leaves  # noqa: E402  (the same tiny run as the tests)
 
