@@ -3,6 +3,8 @@
 `checkpoints/latest` (the two newest) and `checkpoints/best` (the best top-1), each with per-array checksums in
 `checkpoints/digests/`. Model directories (one model's variables) are `rsd_jax.model_dir`'s.
 """
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -13,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from rsd_jax import trees
-from rsd_jax.errors import CheckpointError
+from rsd_jax.errors import CheckpointError, UserError
 
 log = logging.getLogger("rsd_jax")
 
@@ -22,8 +24,10 @@ class RunCheckpoints:
     """A run's checkpoints: `checkpoints/latest` (the two newest) and `checkpoints/best` (the best top-1).
 
     Saves are asynchronous (orbax writes into a temporary directory and renames it when complete, so a save cut short
-    is never listed). A listed checkpoint that cannot be read (damaged on disk) is moved aside to
-    `checkpoints/unusable-<which>-<step>` with a warning and the previous one is used instead.
+    is never listed). A full disk, wherever orbax reports it (the save itself, the next save, `wait` or `close`), is
+    a UserError naming the step being saved and the newest complete one, which is untouched. A listed checkpoint that
+    cannot be read (damaged on disk) is moved aside to `checkpoints/unusable-<which>-<step>` with a warning and the
+    previous one is used instead.
     """
 
     def __init__(self, workdir):
@@ -38,6 +42,11 @@ class RunCheckpoints:
             os.path.join(self._root, "best"), options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda m: m["top1"], best_mode="max",
                 multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best")))
+        self._saving = None      # the step of the save that may still be in flight
+        for name in ("absl", "asyncio"):    # orbax's save threads, and its tasks' errors collected at exit
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _DiskFullRecords) for f in logger.filters):
+                logger.addFilter(_DiskFullRecords())
 
     def latest_step(self, which="latest"):
         return self._manager(which).latest_step()
@@ -51,17 +60,25 @@ class RunCheckpoints:
         step = int(state.step)
         if step in self._latest.all_steps():
             return False
-        digest = state_digest(state)
-        self._write_digest("latest", step, digest)
-        self._latest.save(step, args=ocp.args.StandardSave(state))
-        if best and step not in self._best.all_steps():
-            self._write_digest("best", step, digest)
-            self._best.save(step, args=ocp.args.StandardSave(state), metrics=dict(metrics))
+        self.wait()       # a failure of the previous save is reported as that step's
+        self._saving = step
+        with self._full_disk_is_a_user_error():
+            digest = state_digest(state)
+            self._write_digest("latest", step, digest)
+            self._latest.save(step, args=ocp.args.StandardSave(state))
+            if best and step not in self._best.all_steps():
+                self._write_digest("best", step, digest)
+                self._best.save(step, args=ocp.args.StandardSave(state), metrics=dict(metrics))
         return True
 
     def wait(self):
-        self._latest.wait_until_finished()
-        self._best.wait_until_finished()
+        with self._full_disk_is_a_user_error():
+            self._latest.wait_until_finished()
+            self._best.wait_until_finished()
+        self._saving = None
+
+    def _full_disk_is_a_user_error(self):
+        return full_disk_is_a_user_error(os.path.dirname(self._root), "saving", self._saving)
 
     def _restore_newest_usable(self, which, args, repair, abstract_state=None):
         """The newest readable checkpoint of `which` as (step, tree); with `repair`, damaged ones are moved aside
@@ -122,8 +139,12 @@ class RunCheckpoints:
             return
         path = self._digest_path(which, step)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(digest, f)
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(digest, f)
+        except OSError:
+            os.remove(path + ".tmp")
+            raise
         os.replace(path + ".tmp", path)
         keep = set(self._manager(which).all_steps()) | {step}
         for name in os.listdir(os.path.dirname(path)):
@@ -212,6 +233,45 @@ def _verify_digest(digest, tree):
     if bad:
         raise CheckpointError(f"contents differ from their checksums ({', '.join(bad[:3])}"
                               f"{', ...' if len(bad) > 3 else ''})")
+
+
+@contextlib.contextmanager
+def full_disk_is_a_user_error(workdir, doing, step):
+    """A full disk inside the block becomes one line: "no space left while <doing> step <step> under <workdir>; the
+    checkpoint of step M is intact" (M the newest complete one), with what to do."""
+    try:
+        yield
+    except Exception as e:  # orbax and tensorstore wrap the OSError in their own types
+        if not _is_disk_full(e):
+            raise
+        root = os.path.join(workdir, "checkpoints", "latest")
+        complete = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []  # renamed: whole
+        kept = f"the checkpoint of step {max(complete)} is intact" if complete else "no checkpoint is complete yet"
+        raise UserError(f"no space left while {doing} step {step} under {workdir}; {kept}: free some space and run "
+                        "the same command again to resume") from None
+
+
+def _is_disk_full(e):
+    """Whether `e`, or an exception it was raised from, is a full disk (or quota): an OSError's errno, or the text
+    that tensorstore's and orbax's wrappers keep of it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(e) for text in ("No space left on device", "Disk quota exceeded", "ENOSPC")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _DiskFullRecords(logging.Filter):
+    """Drops orbax's error records of a full disk (one per save thread and task, each with a traceback):
+    `RunCheckpoints` reports it once, as one line."""
+
+    def filter(self, record):
+        return not (_is_disk_full(record.exc_info[1] if record.exc_info else None)
+                    or "No space left on device" in record.getMessage())
 
 
 def _first_line(e):

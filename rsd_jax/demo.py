@@ -44,6 +44,11 @@ def run(config, workdir):
     """The demo's table as a dict (also in `workdir/results.json`), or None when a run stopped early (a signal or
     stop_after_epoch) with a checkpoint: the same command resumes it and goes on."""
     rundir.check_workdir(workdir)
+    with rundir.WorkdirLock(workdir):     # the whole demo; each run locks its own sub-directory as well
+        return _run(config, workdir)
+
+
+def _run(config, workdir):
     print(f"demo: teacher {config.teacher.model} on {config.data.name} (all labels)")
     teacher = train.train_and_evaluate(teacher_config(config), os.path.join(workdir, "teacher"))
     if teacher is None:

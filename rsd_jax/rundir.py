@@ -1,10 +1,21 @@
 """A run's directory, apart from its checkpoints (`rsd_jax.checkpoint`): `config.json` (the config the checkpoints
 follow, and the resume check against it), `metrics.jsonl` (one line per epoch), `results.json`, and the exported
-model directories `student/` and `student_ema/`. Only process 0 writes these files; every write is atomic."""
+model directories `student/` and `student_ema/`. Only process 0 writes these files; every write is atomic.
+`.lock` (and `.lock-<i>` of process i of a run over several processes) is held while a run trains there
+(`WorkdirLock`).
+"""
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import socket
+import time
+
+import jax
 
 from rsd_jax import cli, models
+from rsd_jax.checkpoint import full_disk_is_a_user_error
 from rsd_jax.errors import UserError
 
 # What may change when a run resumes: how it is run, logged and checkpointed, where its inputs live, and the fixes
@@ -24,6 +35,45 @@ def check_workdir(workdir):
         path = os.path.join(workdir, name)
         if os.path.exists(path) and not os.path.isdir(path):
             raise UserError(f"{path} is a file, not the run's {name} directory; move it or use another workdir")
+
+
+class WorkdirLock(contextlib.AbstractContextManager):
+    """One run per workdir: an exclusive `flock` on `<workdir>/.lock`, held until `release` (or the end of the
+    `with` block, or the process: the OS drops it when the process dies, so a killed run leaves no stale lock).
+    Process i > 0 of a run over several processes locks `.lock-<i>` instead, so that the processes of one run share
+    the workdir while a second launch of the same job is refused by each of them. A workdir that is held is a
+    UserError naming the holder (host, process id, since when), with nothing written."""
+
+    def __init__(self, workdir, index=None):
+        index = jax.process_index() if index is None else index
+        self.path = os.path.join(workdir, ".lock" if index == 0 else f".lock-{index}")
+        self._created = not os.path.exists(workdir)
+        os.makedirs(workdir, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(self._fd, 500, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UserError(f"cannot lock {self.path} ({e.strerror})") from None
+            raise UserError(f"workdir {workdir} is in use by another run ({holder}, lock {self.path}); wait for it to "
+                            "end or stop it, or choose another --workdir") from None
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {since}\n".encode(), 0)
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)      # closing the only descriptor drops the flock; the file stays, harmless
+            self._fd = None
+
+    def __exit__(self, exc_type, *exc):
+        workdir = os.path.dirname(self.path)
+        if exc_type is not None and self._created and os.listdir(workdir) == [os.path.basename(self.path)]:
+            os.remove(self.path)     # a start that failed before writing anything leaves no new directory
+            os.rmdir(workdir)
+        self.release()
 
 
 def write_atomic(path, text):
@@ -104,7 +154,8 @@ class RunDir:
 
     def append_metrics(self, record):
         if self.primary:
-            with open(self.metrics_path, "a") as f:
+            with full_disk_is_a_user_error(self.workdir, "writing metrics.jsonl at", record["step"]), \
+                    open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def finish(self, config, num_classes, exports, results):
@@ -112,9 +163,10 @@ class RunDir:
         results.json (last, so that its presence means the run is complete)."""
         if not self.primary:
             return
-        for name, (params, model_state) in exports.items():
-            if not os.path.exists(os.path.join(self.workdir, name)):
-                models.save_model(os.path.join(self.workdir, name), config.student.model, num_classes,
-                                  dict(model_state, params=params), overrides=dict(config.student.overrides),
-                                  source=os.path.abspath(self.workdir))
-        write_atomic(os.path.join(self.workdir, "results.json"), json.dumps(results, indent=2))
+        with full_disk_is_a_user_error(self.workdir, "exporting the models of", results["steps"]):
+            for name, (params, model_state) in exports.items():
+                if not os.path.exists(os.path.join(self.workdir, name)):
+                    models.save_model(os.path.join(self.workdir, name), config.student.model, num_classes,
+                                      dict(model_state, params=params), overrides=dict(config.student.overrides),
+                                      source=os.path.abspath(self.workdir))
+            write_atomic(os.path.join(self.workdir, "results.json"), json.dumps(results, indent=2))

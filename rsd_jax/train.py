@@ -21,7 +21,7 @@ from rsd_jax import checkpoint, data, distillers, evaluation, models, optim, rel
 from rsd_jax.config import check_counts, compute_dtype
 from rsd_jax.data import augment
 from rsd_jax.errors import UserError
-from rsd_jax.rundir import RunDir, check_workdir
+from rsd_jax.rundir import RunDir, WorkdirLock, check_workdir
 from rsd_jax.state import TrainState
 
 log = logging.getLogger("rsd_jax")
@@ -350,6 +350,11 @@ def train_and_evaluate(config, workdir):
     """Train (or resume) the run in `workdir`; returns its final metrics (also in `workdir/results.json`), or None
     when it stopped early (stop_after_epoch, SIGTERM/SIGINT) with a checkpoint to resume from."""
     check_workdir(workdir)
+    with WorkdirLock(workdir):     # one run per workdir, refused before anything compiles
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir):
     run = build_run(config)
     n_student, n_extra = (sum(x.size for x in jax.tree_util.tree_leaves(run.abstract_state.params[k]))
                           for k in ("student", "extra"))

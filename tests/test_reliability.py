@@ -1,10 +1,12 @@
 """Reliability of a training run: exact resume after SIGKILL at any point, SIGTERM, non-finite losses, damaged
-checkpoints, several processes, and garbage input that must end in a one-line error, never a traceback.
+checkpoints, a full disk mid-save, one run per workdir, several processes, and garbage input that must end in a
+one-line error, never a traceback.
 
 The runs are subprocesses of the tiny config (tests/tiny.py) with a small training split (11 steps per epoch), one
 CPU device each, so that results can be compared bit for bit."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rsd_jax import checkpoint, models, reliability, train
+from rsd_jax import checkpoint, models, reliability, rundir, train
 from rsd_jax.errors import UserError
 from tiny import tiny_config
 
@@ -100,10 +102,12 @@ def test_sigkill_at_three_random_points_resumes_exactly(config_file, reference, 
     workdir = str(tmp_path / "killed")
     rng = np.random.default_rng(9)
     total = EPOCHS * 11
-    for target in sorted(rng.choice(np.arange(3, total - 3), size=3, replace=False)):
+    for i, target in enumerate(sorted(rng.choice(np.arange(3, total - 3), size=3, replace=False))):
         proc = subprocess.Popen(main_args(config_file, workdir), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         assert wait_for_step(proc, workdir, int(target))
+        if i == 0:     # a second run on the workdir is refused at once; the SIGKILLed holder's lock dies with it
+            assert_refused_while_held(run_main(config_file, workdir), workdir, proc.pid)
         time.sleep(rng.uniform(0, 0.3))      # somewhere in the next steps, maybe during an asynchronous save
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -115,6 +119,59 @@ def test_sigkill_at_three_random_points_resumes_exactly(config_file, reference, 
     assert [r["epoch"] for r in lines] == list(range(1, EPOCHS + 1))
     want = [json.loads(line) for line in open(os.path.join(reference, "metrics.jsonl"))]
     assert lines[-1]["top1"] == want[-1]["top1"]
+
+
+def assert_refused_while_held(out, workdir, holder_pid):
+    assert_one_line_error(out)
+    assert f"workdir {workdir} is in use by another run (host {socket.gethostname()}, pid {holder_pid}, since " \
+        in out.stderr, out.stderr[-2000:]
+    assert "parameters" not in out.stderr       # refused before building (and compiling) the run
+
+
+def test_one_run_per_workdir_lock(tmp_path):
+    workdir = str(tmp_path / "run")
+    with rundir.WorkdirLock(workdir):
+        holder = open(os.path.join(workdir, ".lock")).read()
+        with pytest.raises(UserError, match=rf"in use by another run \(host .*, pid {os.getpid()}, since "):
+            rundir.WorkdirLock(workdir)     # another open file: refused even in the same process
+        assert os.listdir(workdir) == [".lock"] and open(os.path.join(workdir, ".lock")).read() == holder
+        with rundir.WorkdirLock(workdir, index=1), rundir.WorkdirLock(os.path.join(workdir, "teacher")):
+            pass                            # process 1 of the same run, and a sub-run (the demo's) lock their own
+        with pytest.raises(UserError, match=r"\.lock-1\)"):
+            with rundir.WorkdirLock(workdir, index=1):
+                rundir.WorkdirLock(workdir, index=1)     # a second launch of process 1
+    with rundir.WorkdirLock(workdir):       # released at the end of the block
+        pass
+    with pytest.raises(ZeroDivisionError):  # a start that fails in a new workdir leaves no directory behind
+        with rundir.WorkdirLock(str(tmp_path / "new")):
+            1 / 0
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_full_disk_mid_save_stops_with_one_line_and_keeps_the_previous_checkpoint(config_file, tmp_path):
+    """A 1.5 MiB tmpfs: free space for two checkpoints at the start (the check before compiling passes), full
+    during the third save (step 9, reported at the epoch end)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        workdir = str(mount / "run")
+        out = run_main(config_file, workdir, arg=1)
+        assert_one_line_error(out)
+        found = re.search(r"no space left while (saving|writing metrics.jsonl at) step (\d+) under (\S+); the "
+                          r"checkpoint of step (\d+) is intact", out.stderr)
+        assert found and found[3] == workdir, out.stderr[-2000:]
+        kept = int(found[4])
+        assert kept == max(saved_steps(workdir)) and kept < int(found[2])
+        assert any(".orbax-checkpoint-tmp" in d for d in os.listdir(os.path.join(workdir, "checkpoints", "latest")))
+        ckpts = checkpoint.RunCheckpoints(workdir)
+        assert ckpts.latest_step() == kept         # the next start takes the intact one, not the partial save
+        assert int(ckpts.restore_raw()["step"]) == kept     # every array equal to the checksum written with it
+        ckpts.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_sigterm_saves_a_resumable_checkpoint(config_file, reference, tmp_path):

@@ -147,7 +147,7 @@ def test_demo_smoke_and_evaluate_cli(tmp_path):
     # stopped after the teacher's first epoch: the demo stops there (no student run) and the same command resumes
     out = run_cli(*demo_smoke_args(str(tmp_path / "demo"), "--config.stop_after_epoch=1"))
     assert out.returncode == 0 and "stopped early" in out.stdout, out.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path / "demo")) == ["teacher"]
+    assert sorted(os.listdir(tmp_path / "demo")) == [".lock", "teacher"]
     out = run_cli(*demo_smoke_args(str(tmp_path / "demo")))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resumed from step" in out.stderr
