@@ -333,19 +333,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(config_file, tmp_path):
-    """Two processes with one CPU device each (gloo collectives) against one process, same global batch; kept small
-    (1 epoch of 11 steps) for two shared cores. Reductions run in another order: close, not bitwise."""
-    one = run_main(config_file, tmp_path / "one", arg=1)
-    assert one.returncode == 0, one.stderr[-3000:]
-    port = free_port()
-    procs = [subprocess.Popen(main_args(config_file, tmp_path / "two", f"--coordinator=127.0.0.1:{port}",
-                                        "--num_processes=2", f"--process_id={i}", arg=1),
-                              cwd=REPO, env=dict(env(), PYTHONFAULTHANDLER="1"), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+def launch_two(config_file, workdir, port):
+    return [subprocess.Popen(main_args(config_file, workdir, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                       f"--process_id={i}", arg=1),
+                             cwd=REPO, env=dict(env(), PYTHONFAULTHANDLER="1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+
+
+def finish_two(procs, timeout=240):
+    """[(stdout, stderr)] of both processes, each asserted to exit 0."""
     try:
-        outs = [p.communicate(timeout=240) for p in procs]
+        outs = [p.communicate(timeout=timeout) for p in procs]
     except subprocess.TimeoutExpired:
         # A hang (e.g. colliding orbax barriers): SIGABRT makes faulthandler print every thread's stack.
         for p in procs:
@@ -359,11 +358,46 @@ def test_two_processes_match_one(config_file, tmp_path):
                 p.kill()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def two_processes(config_file, tmp_path_factory):
+    """An uninterrupted run of two processes with one CPU device each (gloo collectives): (workdir, outputs)."""
+    workdir = tmp_path_factory.mktemp("two") / "run"
+    return workdir, finish_two(launch_two(config_file, workdir, free_port()))
+
+
+def test_two_processes_match_one(config_file, two_processes, tmp_path):
+    """Two processes against one process, same global batch; kept small (1 epoch of 11 steps) for two shared cores.
+    Reductions run in another order: close, not bitwise."""
+    one = run_main(config_file, tmp_path / "one", arg=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, outs = two_processes
     assert "top1" in outs[0][0] and "top1" not in outs[1][0]     # only process 0 reports and writes
-    for a, b in zip(student_leaves(tmp_path / "one"), student_leaves(tmp_path / "two")):
+    for a, b in zip(student_leaves(tmp_path / "one"), student_leaves(two)):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
-    lines = open(tmp_path / "two" / "metrics.jsonl").read().splitlines()
+    lines = open(two / "metrics.jsonl").read().splitlines()
     assert len(lines) == 1
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(config_file, two_processes, tmp_path):
+    """SIGTERM to process 1 only: both agree on the step to stop at (at a log step), both write their part of that
+    checkpoint and exit 0; the same command on both resumes, and ends equal to the uninterrupted run."""
+    workdir = tmp_path / "stopped"
+    procs = launch_two(config_file, workdir, free_port())
+    assert wait_for_step(procs[1], workdir, 3)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = finish_two(procs)
+    assert "SIGTERM" in outs[1][1] and "a signal to another process" in outs[0][1], outs[0][1][-2000:]
+    stopped = max(saved_steps(workdir))
+    assert stopped % 3 == 0 or stopped == 11, stopped         # a log step (log_every_steps=3) or the end
+    for _, err in outs:
+        assert f"after step {stopped} with a checkpoint" in err, err[-2000:]
+    outs = finish_two(launch_two(config_file, workdir, free_port()))
+    assert f"resumed from step {stopped}" in outs[0][1], outs[0][1][-2000:]
+    for a, b in zip(student_leaves(two_processes[0]), student_leaves(workdir)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_loop_bookkeeping_sums_the_metrics_and_keeps_the_first_nonfinite_step():
