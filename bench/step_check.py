@@ -236,7 +236,7 @@ def prepare(config, torch_set=(), seed=0, student_file=None, teacher_file=None, 
 
     @jax.jit
     def pixels(rng_data, step, images, labels):
-        return run.batch_transform(images, labels, train.step_rngs(rng_data, step, run.num_groups)[0])
+        return run.parts.batch_transform(images, labels, train.step_rngs(rng_data, step, run.parts.num_groups)[0])
 
     return Sides(config, run, refs, pixels, notes + list(refs[0].notes))
 
@@ -278,7 +278,7 @@ def align_start(sides, seed=0, epoch=None, steps=1):
     config, run, refs = sides.config, sides.run, sides.refs
     num_classes = run.dataset.num_classes
     teacher_vars = None     # vanilla: no teacher on the JAX side (the PyTorch side runs one, unused)
-    if run.teacher is not None:
+    if run.parts.teacher is not None:
         teacher_vars = convert_state_dict(refs[0].teacher.state_dict(), config.teacher.model, num_classes,
                                           dict(config.teacher.overrides))
         teacher_vars = jax.device_put(teacher_vars, jax.tree_util.tree_leaves(run.teacher_vars)[0].sharding)
@@ -330,16 +330,16 @@ def step_both(sides, state, teacher_vars, step):
 def crd_negatives(run, state, batch):
     """The contrast indices rsd_jax's CRD draws in this step (its sown intermediate), (B, K): the reference's
     dataset draws them, so the PyTorch side is given these."""
-    _, _, extra_rngs = train.step_rngs(state.rng, state.step, run.num_groups)
+    _, _, extra_rngs = train.step_rngs(state.rng, state.step, run.parts.num_groups)
     variables = extra_template(state)
     embed = variables["params"]
     c = run.config.distill.crd
-    index = jnp.asarray(batch["index"]).reshape(run.num_groups, -1)
+    index = jnp.asarray(batch["index"]).reshape(run.parts.num_groups, -1)
     g = index.shape[1]
     outs = [(None, {c.feature: jnp.zeros((g, embed[name]["kernel"].shape[0]))}) for name in ("embed_s", "embed_t")]
 
     def draw(rng, index):
-        _, sown = run.extra.apply(variables, *outs, {"index": index}, train=True, rngs={"dropout": rng},
+        _, sown = run.parts.extra.apply(variables, *outs, {"index": index}, train=True, rngs={"dropout": rng},
                                   mutable=["intermediates", "memory"])
         return sown["intermediates"]["negatives"][0]
 

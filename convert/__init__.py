@@ -1,4 +1,4 @@
-"""torch/timm <-> Flax conversion. Imports torch only in the CLIs and the parity check; core.py is numpy."""
+"""torch/timm <-> Flax conversion. Imports torch only in the CLIs and the parity check; core.py is torch-free."""
 import contextlib
 import os
 import signal
@@ -31,8 +31,8 @@ def signals_exit():
 
 def cli_main(run, argv, **kwargs):
     """The converter CLIs' main: `rsd_jax.cli.run_main(run, argv, **kwargs)` returning the exit status, with SIGTERM
-    and SIGINT raising SystemExit while `run` runs, and core's ConversionError (numpy-only, so not a UserError) the
-    user's: a checkpoint that does not fit."""
+    and SIGINT raising SystemExit while `run` runs, and core's ConversionError (a ValueError for library callers)
+    the user's: a checkpoint that does not fit."""
     from convert import core
     from rsd_jax import cli
     from rsd_jax.errors import UserError

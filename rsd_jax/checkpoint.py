@@ -143,7 +143,8 @@ class RunCheckpoints:
             with open(path + ".tmp", "w") as f:
                 json.dump(digest, f)
         except OSError:
-            os.remove(path + ".tmp")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + ".tmp")
             raise
         os.replace(path + ".tmp", path)
         keep = set(self._manager(which).all_steps()) | {step}

@@ -180,8 +180,6 @@ def parse_flags(argv, flag_values=None):
 def enable_compilation_cache():
     """XLA's persistent compilation cache (unless JAX_COMPILATION_CACHE_DIR already chooses one): a second run of the
     same program, e.g. another seed, starts without compiling."""
-    import os
-
     import jax
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/rsd_jax/jax_cache"))
@@ -191,8 +189,6 @@ def enable_compilation_cache():
 def init_distributed(coordinator=None, num_processes=None, process_id=None, from_environment=False):
     """`jax.distributed.initialize` for a run over several processes: explicit (all three given) or detected from the
     environment (SLURM, JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); nothing for one process."""
-    import os
-
     import jax
     if coordinator is None and num_processes is None and process_id is None and "JAX_NUM_PROCESSES" in os.environ:
         try:    # JAX itself reads only JAX_COORDINATOR_ADDRESS; the count and index come from here

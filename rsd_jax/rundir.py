@@ -49,13 +49,19 @@ class WorkdirLock(contextlib.AbstractContextManager):
         self.path = os.path.join(workdir, ".lock" if index == 0 else f".lock-{index}")
         self._created = not os.path.exists(workdir)
         os.makedirs(workdir, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:     # another user's lock file, or a directory in its place
+            self._remove_if_created(workdir)
+            raise UserError(f"cannot open the lock file {self.path} ({e.strerror}); use another --workdir") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.pread(self._fd, 500, 0).decode(errors="replace").strip() or "another process"
             os.close(self._fd)
+            self._fd = None
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                self._remove_if_created(workdir)
                 raise UserError(f"cannot lock {self.path} ({e.strerror})") from None
             raise UserError(f"workdir {workdir} is in use by another run ({holder}, lock {self.path}); wait for it to "
                             "end or stop it, or choose another --workdir") from None
@@ -68,11 +74,16 @@ class WorkdirLock(contextlib.AbstractContextManager):
             os.close(self._fd)      # closing the only descriptor drops the flock; the file stays, harmless
             self._fd = None
 
-    def __exit__(self, exc_type, *exc):
-        workdir = os.path.dirname(self.path)
-        if exc_type is not None and self._created and os.listdir(workdir) == [os.path.basename(self.path)]:
-            os.remove(self.path)     # a start that failed before writing anything leaves no new directory
+    def _remove_if_created(self, workdir):
+        """A start that failed before writing anything leaves no new directory."""
+        if self._created and set(os.listdir(workdir)) <= {os.path.basename(self.path)}:
+            if os.path.isfile(self.path):
+                os.remove(self.path)
             os.rmdir(workdir)
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self._remove_if_created(os.path.dirname(self.path))
         self.release()
 
 

@@ -174,12 +174,6 @@ class Run:
     train_step: Callable      # (state, teacher_vars, batch) -> (state, metrics) (jitted, state donated)
     eval_step: Callable       # (student params, student model_state, batch) -> metric sums (jitted)
 
-    student = property(lambda self: self.parts.student)
-    teacher = property(lambda self: self.parts.teacher)
-    extra = property(lambda self: self.parts.extra)
-    num_groups = property(lambda self: self.parts.num_groups)
-    batch_transform = property(lambda self: self.parts.batch_transform)
-
     def train_batch(self, step):
         batch = data.train_batch(self.dataset.train, self.config.seed, step, self.config.data.batch_size,
                                  jax.process_index(), jax.process_count())
@@ -416,7 +410,8 @@ def _loop(run, state, ckpts, rundir, best_top1):
                 record = epoch_record(run, tally, done, last_eval if evaluated else None)
                 rundir.append_metrics(record)      # before its checkpoint: a resume drops lines past its step
                 tally = Tally.start(tally.first_bad)
-            if schedule.itstime(done, every_steps=config.checkpoint_every_steps,
+            # checkpoint_every_steps between epoch ends, checkpoint_every_epochs at them (and the last step)
+            if schedule.itstime(done, every_steps=0 if schedule.epoch_end(done) else config.checkpoint_every_steps,
                                 every_epochs=config.checkpoint_every_epochs):
                 best_top1, saved = save(ckpts, state, tally, record.get("top1"), best_top1), done
             if record:

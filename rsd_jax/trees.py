@@ -40,9 +40,6 @@ class TreeDiff:
     def __len__(self):
         return len(self.missing) + len(self.unexpected) + len(self.shapes) + len(self.dtypes)
 
-    def names(self):
-        return self.missing + self.unexpected + [s[0] for s in self.shapes] + [d[0] for d in self.dtypes]
-
     def describe(self, source="checkpoint", target="model", limit=None):
         """One line: 'missing in SOURCE: a, b | unexpected in SOURCE: c | shape mismatch (SOURCE vs TARGET): d (2,)
         vs (3,) | dtype mismatch (...)', each list cut to `limit` names."""
