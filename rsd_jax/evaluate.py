@@ -38,11 +38,7 @@ def evaluate_workdir(workdir, which="latest"):
     if not os.path.isfile(config_path):
         raise UserError(f"{workdir} is not a training run directory (no config.json)")
     config = ml_collections.ConfigDict(rundir.read_run_config(config_path))
-    ckpts = checkpoint.RunCheckpoints(workdir)
-    state = ckpts.restore_raw(which)
-    ckpts.close()
-    if state is None:
-        raise UserError(f"{workdir} has no {which} checkpoint yet")
+    state = _restore_raw(workdir, which)
     dataset = data.load(config.data)
     student = run_models.build_student(config, dataset.num_classes)
     # A stale config.json (another model than the run trained) would otherwise fail inside the jitted step.
@@ -54,6 +50,23 @@ def evaluate_workdir(workdir, which="latest"):
     stats = jax.device_put(state["model_state"]["student"], sharding.replicated(mesh))
     return evaluation.evaluate_split(eval_step, params, stats, dataset.test, config.data.eval_batch_size,
                                 mesh)
+
+
+def _restore_raw(workdir, which):
+    """The raw checkpoint `which` of the run in `workdir`; for <workdir>/students/<i>/ of a run of several students,
+    student i's slice of that run's checkpoint."""
+    member_path = os.path.join(workdir, rundir.MEMBER_JSON)
+    member = rundir.read_run_config(member_path) if os.path.isfile(member_path) else None
+    source = os.path.normpath(os.path.join(workdir, member["run"])) if member else workdir
+    ckpts = checkpoint.RunCheckpoints(source)
+    state = ckpts.restore_raw(which)
+    ckpts.close()
+    if state is None:
+        raise UserError(f"{source} has no {which} checkpoint yet")
+    if member:
+        step = state.pop("step")
+        state = dict(jax.tree_util.tree_map(lambda x: x[member["index"]], state), step=step)
+    return state
 
 
 def evaluate_model(directory, dataset="cifar100", data_dir="", batch_size=128):

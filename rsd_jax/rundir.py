@@ -26,6 +26,9 @@ RESUMABLE_KEYS = frozenset({
     "optim.lr", "optim.clip_grad"})
 
 EXPORTS = ("student", "student_ema")     # the model directories a finished run writes
+# In <workdir>/students/<i>/ of a run of several students: {"index": i, "students": N, "run": "../.."}, the
+# checkpoints being the run's.
+MEMBER_JSON = "member.json"
 
 
 def check_workdir(workdir):
@@ -131,8 +134,8 @@ def check_resume_config(config_path, config):
 class RunDir:
     """The files of the run in `workdir`; `primary` (process 0) writes them, the other processes only read."""
 
-    def __init__(self, workdir, primary):
-        self.workdir, self.primary = workdir, primary
+    def __init__(self, workdir, primary, member=None):
+        self.workdir, self.primary, self.member = workdir, primary, member
         self.config_path = os.path.join(workdir, "config.json")
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
 
@@ -144,7 +147,31 @@ class RunDir:
         changed = check_resume_config(self.config_path, json.loads(text)) if resuming else []
         if self.primary:
             write_atomic(self.config_path, text)
+            if self.member is not None:
+                index, count = self.member
+                write_atomic(os.path.join(self.workdir, MEMBER_JSON),
+                             json.dumps({"index": index, "students": count, "run": "../.."}))
         return changed
+
+    def records(self):
+        """The metrics.jsonl records so far (an unreadable line skipped)."""
+        if not os.path.exists(self.metrics_path):
+            return []
+        out = []
+        with open(self.metrics_path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    out.append(record)
+        return out
+
+    def best_top1(self, default):
+        """The highest evaluated top-1 in metrics.jsonl (`default` when none is there, e.g. on a process that
+        does not write it)."""
+        return max((r["top1"] for r in self.records() if "top1" in r), default=default)
 
     def truncate_metrics(self, step):
         """Drop metrics.jsonl lines of steps after `step` (and any cut-off last line), so none is written twice:
@@ -152,16 +179,7 @@ class RunDir:
         again."""
         if not self.primary or not os.path.exists(self.metrics_path):
             return
-        kept = []
-        with open(self.metrics_path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                    kept.append(json.dumps(record) + "\n")
-        write_atomic(self.metrics_path, "".join(kept))
+        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records() if r["step"] <= step))
 
     def append_metrics(self, record):
         if self.primary:
@@ -180,4 +198,8 @@ class RunDir:
                     models.save_model(os.path.join(self.workdir, name), config.student.model, num_classes,
                                       dict(model_state, params=params), overrides=dict(config.student.overrides),
                                       source=os.path.abspath(self.workdir))
+            self.write_results(results)
+
+    def write_results(self, results):
+        if self.primary:
             write_atomic(os.path.join(self.workdir, "results.json"), json.dumps(results, indent=2))

@@ -10,14 +10,17 @@
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from rsd_jax import checkpoint, data, distillers, evaluation, models, optim, reliability, run_models, sharding
+from rsd_jax import (checkpoint, data, distillers, evaluation, models, optim, reliability, run_models, sharding,
+                     students)
 from rsd_jax.config import check_counts, compute_dtype
 from rsd_jax.data import augment
 from rsd_jax.errors import UserError
@@ -111,9 +114,11 @@ def init_state(rng, parts):
                       opt_state=parts.tx.init(params), rng=jax.random.key_data(jax.random.fold_in(rng, 1)), ema=ema)
 
 
-def train_step(state, teacher_vars, batch, *, parts):
-    """One optimizer step on a global batch: (state, teacher variables, batch) -> (new state, metrics)."""
-    aug_rng, student_rngs, extra_rngs = step_rngs(state.rng, state.step, parts.num_groups)
+def prepare_batch(teacher_vars, batch, step, *, parts):
+    """What every student of step `step` shares: the augmented images (in the compute dtype), their targets and the
+    teacher's outputs. The augmentation's key comes from the batch's `data_rng` (the run's `seed`), so that students
+    of other model seeds see the same pixels."""
+    aug_rng = step_rngs(batch["data_rng"], step, parts.num_groups)[0]
     images, targets = parts.batch_transform(batch["image"], batch["label"], aug_rng)
     # Mixed precision (compute_dtype=bfloat16): models compute on bf16 copies of the float32 parameters and
     # inputs; gradients, optimizer state and BatchNorm statistics stay float32, and BatchNorm/LayerNorm
@@ -122,6 +127,17 @@ def train_step(state, teacher_vars, batch, *, parts):
     # The teacher sees exactly the student's augmented batch, in inference mode.
     teacher_out = jax.lax.stop_gradient(parts.teacher.apply(teacher_vars, images, train=False)) \
         if parts.teacher else None
+    return images, targets, teacher_out
+
+
+def train_step(state, teacher_vars, batch, *, parts):
+    """One optimizer step on a global batch: (state, teacher variables, batch) -> (new state, metrics)."""
+    return student_step(state, *prepare_batch(teacher_vars, batch, state.step, parts=parts), batch, parts=parts)
+
+
+def student_step(state, images, targets, teacher_out, batch, *, parts):
+    """The student's (and its method's) update from prepared inputs (`prepare_batch`): -> (new state, metrics)."""
+    _, student_rngs, extra_rngs = step_rngs(state.rng, state.step, parts.num_groups)
 
     def group_loss(params, images, labels, teacher_out, student_rng, extra_rng):
         # One statistics group: BatchNorm and RSD statistics over these examples only, as one DDP rank.
@@ -158,29 +174,79 @@ def train_step(state, teacher_vars, batch, *, parts):
     return new_state, metrics
 
 
+# ------------------------------------------------------------------------------------------------ several students
+def init_members(seeds, *, settings, per_setting):
+    """The stacked state of N = len(settings) * per_setting members: member i starts as a single run of setting
+    i // per_setting with model seed `seeds[i]` would."""
+    return students.stack([init_state(jax.random.key(seeds[i]), settings[i // per_setting])
+                           for i in range(len(settings) * per_setting)])
+
+
+def members_step(state, teacher_vars, batch, *, settings, per_setting, design):
+    """One step of every member (stacked `state`) on one global batch: one augmentation and one teacher pass, then
+    each member's update, unrolled one after another or vmapped over the seeds of each setting (`design`).
+    Metrics have a leading member axis."""
+    images, targets, teacher_out = prepare_batch(teacher_vars, batch, state.step, parts=settings[0])
+    aug_rng = step_rngs(batch["data_rng"], state.step, settings[0].num_groups)[0]
+    new, metrics = [], []
+    for j, parts in enumerate(settings):
+        # The same pixels for every setting; only soft targets (mixup/cutmix with another label smoothing) differ.
+        targets_j = targets if j == 0 else parts.batch_transform(batch["image"], batch["label"], aug_rng)[1]
+        update = functools.partial(student_step, images=images, targets=targets_j, teacher_out=teacher_out,
+                                   batch=batch, parts=parts)
+        if design == "vmap":
+            seeds = students.member(state, slice(j * per_setting, (j + 1) * per_setting))
+            out, m = jax.vmap(lambda s: update(s.replace(step=state.step)))(seeds.replace(step=None))
+            new.append(out.replace(step=state.step + 1))
+            metrics.append(m)
+        else:
+            for i in range(j * per_setting, (j + 1) * per_setting):
+                out, m = update(students.member(state, i))
+                new.append(students.stack([out]))
+                metrics.append(jax.tree_util.tree_map(lambda x: x[None], m))
+    return students.concat(new), jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *metrics)
+
+
 # ------------------------------------------------------------------------------------------------ the run
 @dataclasses.dataclass
 class Run:
-    """Everything a run computes with, built from its config; no state and nothing written."""
+    """Everything a run computes with, built from its config; no state and nothing written. A run of several
+    students (`students.member_configs`) has a stacked state and metrics with a leading member axis."""
     config: Any
     mesh: Any
     dataset: data.Dataset
-    parts: Parts
+    parts: Parts              # of the first (or only) setting
+    members: list             # the members' single-run configs ([config] for a single-student run)
     teacher_vars: Any         # on the devices, in the compute dtype; None without a teacher
+    data_rng: Any             # key data of the augmentation (from `seed`), replicated; every batch carries it
     steps_per_epoch: int
     total_steps: int
     abstract_state: Any       # ShapeDtypeStructs with shardings
-    init: Callable            # rng -> TrainState (jitted, born sharded)
+    init: Callable            # rng -> TrainState (jitted, born sharded); for several members: model seeds (N,)
     train_step: Callable      # (state, teacher_vars, batch) -> (state, metrics) (jitted, state donated)
     eval_step: Callable       # (student params, student model_state, batch) -> metric sums (jitted)
+
+    @property
+    def num_members(self):
+        return len(self.members)
+
+    def initial_state(self):
+        """The state training starts from, from the model seed(s)."""
+        if self.num_members == 1:
+            return self.init(jax.random.key(students.model_seed(self.config)))
+        return self.init(jnp.asarray([students.model_seed(c) for c in self.members], jnp.uint32))
+
+    def member_state(self, state, i):
+        """Member i's state (the state itself in a single-student run)."""
+        return state if self.num_members == 1 else students.member(state, i)
 
     def train_batch(self, step):
         batch = data.train_batch(self.dataset.train, self.config.seed, step, self.config.data.batch_size,
                                  jax.process_index(), jax.process_count())
-        return sharding.to_global(batch, self.mesh, local=True)
+        return dict(sharding.to_global(batch, self.mesh, local=True), data_rng=self.data_rng)
 
     def evaluate(self, state):
-        """Test metrics of the student, and of its EMA (keys prefixed `ema_`) when EMA is on."""
+        """Test metrics of the student, and of its EMA (keys prefixed `ema_`) when EMA is on (of one member)."""
         split, batch_size = self.dataset.test, self.config.data.eval_batch_size
         out = evaluation.evaluate_split(self.eval_step, state.params["student"], state.model_state["student"], split,
                                         batch_size, self.mesh)
@@ -189,6 +255,10 @@ class Run:
                                             batch_size, self.mesh)
             out.update({f"ema_{k}": v for k, v in ema.items()})
         return out
+
+    def evaluate_members(self, state):
+        """[test metrics of each member]."""
+        return [self.evaluate(self.member_state(state, i)) for i in range(self.num_members)]
 
 
 def _statistics_groups(config, num_train):
@@ -245,26 +315,42 @@ def build_run(config, mesh=None, dataset=None):
                                         teacher_vars)
     context = distillers.Context(num_classes=dataset.num_classes, num_train_examples=len(dataset.train),
                                  teacher_dim=teacher_shapes[1]["pre_logits"].shape[-1] if teacher else 0)
-    parts = Parts(
-        student=student, teacher=teacher, teacher_shapes=teacher_shapes,
-        extra=distillers.build(config.distill.method, config.distill.get(config.distill.method), context),
-        init_student=run_models.student_initializer(config, student, dataset.num_classes),
-        tx=optim.create(config.optim, steps_per_epoch), lr_schedule=optim.schedule(config.optim, steps_per_epoch),
-        batch_transform=_batch_transform(config, dataset, num_groups, replicated), num_groups=num_groups,
-        dtype=dtype, gt_weight=config.distill.gt_loss_weight, label_smoothing=config.distill.label_smoothing,
-        ema_decay=config.ema.decay)
+    init_student = run_models.student_initializer(config, student, dataset.num_classes)
 
-    init = functools.partial(init_state, parts=parts)
+    def parts_of(c):     # what may differ between the settings of a sweep: scalars read at trace time
+        return Parts(
+            student=student, teacher=teacher, teacher_shapes=teacher_shapes,
+            extra=distillers.build(c.distill.method, c.distill.get(c.distill.method), context),
+            init_student=init_student, tx=optim.create(c.optim, steps_per_epoch),
+            lr_schedule=optim.schedule(c.optim, steps_per_epoch),
+            batch_transform=_batch_transform(c, dataset, num_groups, replicated), num_groups=num_groups,
+            dtype=dtype, gt_weight=c.distill.gt_loss_weight, label_smoothing=c.distill.label_smoothing,
+            ema_decay=c.ema.decay)
+
+    members = students.member_configs(config)
+    settings = [parts_of(c) for c in students.settings(config)] if len(members) > 1 else [parts_of(config)]
+    if len(members) == 1:
+        init, step, example = (functools.partial(init_state, parts=settings[0]),
+                               functools.partial(train_step, parts=settings[0]), jax.random.key(0))
+    else:
+        per_setting = config.students
+        init = functools.partial(init_members, settings=settings, per_setting=per_setting)
+        step = functools.partial(members_step, settings=settings, per_setting=per_setting,
+                                 design=students.design(config, jax.devices()[0].platform))
+        example = jnp.zeros((len(members),), jnp.uint32)
     abstract_state = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                                            jax.eval_shape(init, jax.random.key(0)))
+                                            jax.eval_shape(init, example))
     state_sharding = jax.tree_util.tree_map(lambda s: s.sharding, abstract_state)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch_shardings = dict(image=batch_sharding, label=batch_sharding, label_mask=batch_sharding,
+                           index=batch_sharding, data_rng=replicated)
     eval_transform = evaluation.eval_transform_for(config, dataset)
     return Run(
-        config=config, mesh=mesh, dataset=dataset, parts=parts, teacher_vars=teacher_vars,
+        config=config, mesh=mesh, dataset=dataset, parts=settings[0], members=members, teacher_vars=teacher_vars,
+        data_rng=jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1)), replicated),
         steps_per_epoch=steps_per_epoch, total_steps=config.optim.epochs * steps_per_epoch,
         abstract_state=abstract_state, init=_awaited(jax.jit(init, out_shardings=state_sharding), mesh),
-        train_step=jax.jit(functools.partial(train_step, parts=parts),
-                           in_shardings=(state_sharding, replicated, sharding.batch_sharding(mesh)),
+        train_step=jax.jit(step, in_shardings=(state_sharding, replicated, batch_shardings),
                            out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
         eval_step=evaluation.make_eval_step(student, eval_transform, out_shardings=replicated))
 
@@ -316,24 +402,31 @@ class Tally:
         reliability.raise_if_nonfinite(self.first_bad, kept_step)
 
 
-def epoch_record(run, tally, step, test_metrics):
-    """The metrics.jsonl line of the epoch ending at `step`: the mean training metrics (after a mid-epoch resume,
-    of the steps run since: `train_steps`), images/s, and `test_metrics` if the epoch was evaluated."""
+def epoch_records(run, tally, step, evals):
+    """The metrics.jsonl line of each member for the epoch ending at `step`: the mean training metrics (after a
+    mid-epoch resume, of the steps run since: `train_steps`), images/s (of the step: images through it per
+    second), and the member's test metrics from `evals` (a list, or None if the epoch was not evaluated)."""
     sums = jax.device_get(tally.sums)
-    skipped = int(sums.pop("skipped", 0))
-    means = {f"train_{k}": float(v) / max(tally.steps - skipped, 1) for k, v in sums.items()}
-    record = {"epoch": step // run.steps_per_epoch, "step": step, **means, "train_steps": tally.steps,
-              "images_per_s": tally.steps * run.config.data.batch_size / (time.time() - tally.started)}
-    if "skipped" in tally.sums:
-        record["skipped_steps"] = skipped
-        if skipped:
-            log.warning("epoch %d: %d steps with a non-finite loss or gradient were skipped", record["epoch"], skipped)
-    return dict(record, **(test_metrics or {}))
+    images_per_s = tally.steps * run.config.data.batch_size / (time.time() - tally.started)
+    records = []
+    for i in range(run.num_members):
+        mine = {k: v if run.num_members == 1 else v[i] for k, v in sums.items()}
+        skipped = int(mine.pop("skipped", 0))
+        means = {f"train_{k}": float(v) / max(tally.steps - skipped, 1) for k, v in mine.items()}
+        record = {"epoch": step // run.steps_per_epoch, "step": step, **means, "train_steps": tally.steps,
+                  "images_per_s": images_per_s}
+        if "skipped" in sums:
+            record["skipped_steps"] = skipped
+            if skipped:
+                log.warning("epoch %d%s: %d steps with a non-finite loss or gradient were skipped", record["epoch"],
+                            f" student {i}" if run.num_members > 1 else "", skipped)
+        records.append(dict(record, **(evals[i] if evals else {})))
+    return records
 
 
 def save(ckpts, state, tally, top1, best_top1):
     """Checkpoint `state` (never a non-finite one; also as the best when `top1` beats `best_top1`); returns the best
-    top-1 so far."""
+    top-1 so far. Several students: `top1` is their mean."""
     tally.raise_if_nonfinite(ckpts)
     top1 = -1.0 if top1 is None else top1
     ckpts.save(state, {"top1": top1}, best=top1 > best_top1)
@@ -342,55 +435,87 @@ def save(ckpts, state, tally, top1, best_top1):
 
 def train_and_evaluate(config, workdir):
     """Train (or resume) the run in `workdir`; returns its final metrics (also in `workdir/results.json`), or None
-    when it stopped early (stop_after_epoch, SIGTERM/SIGINT) with a checkpoint to resume from."""
+    when it stopped early (stop_after_epoch, SIGTERM/SIGINT) with a checkpoint to resume from. A run of several
+    students returns the summary of `students.summary`."""
     check_workdir(workdir)
     with WorkdirLock(workdir):     # one run per workdir, refused before anything compiles
         return _train_and_evaluate(config, workdir)
 
 
+def member_dirs(run, workdir):
+    """The RunDir of each member: the workdir itself, or <workdir>/students/<i>/ for several students."""
+    primary = jax.process_index() == 0     # only process 0 writes files but checkpoints
+    if run.num_members == 1:
+        return [RunDir(workdir, primary)]
+    return [RunDir(os.path.join(workdir, "students", str(i)), primary, member=(i, run.num_members))
+            for i in range(run.num_members)]
+
+
 def _train_and_evaluate(config, workdir):
     run = build_run(config)
     n_student, n_extra = (sum(x.size for x in jax.tree_util.tree_leaves(run.abstract_state.params[k]))
-                          for k in ("student", "extra"))
-    log.info("student %s: %.2fM parameters; %s extra: %.2fM", config.student.model, n_student / 1e6,
-             config.distill.method, n_extra / 1e6)
+                          // run.num_members for k in ("student", "extra"))
+    log.info("student %s: %.2fM parameters; %s extra: %.2fM%s", config.student.model, n_student / 1e6,
+             config.distill.method, n_extra / 1e6,
+             f"; {run.num_members} students in one step" if run.num_members > 1 else "")
     reliability.check_free_space(workdir, run.abstract_state)    # before anything compiles
-    rundir = RunDir(workdir, primary=jax.process_index() == 0)   # only process 0 writes files but checkpoints
+    if run.num_members > 1:
+        compiled = students.compile_if_fits(run)      # before anything is written
+        if not config.get("skip_nonfinite_steps"):    # (that wraps the step in a jit of its own)
+            run = dataclasses.replace(run, train_step=compiled)
+    rundir = RunDir(workdir, primary=jax.process_index() == 0)
+    dirs = member_dirs(run, workdir)
     ckpts = checkpoint.RunCheckpoints(workdir)
-    changed = rundir.start(config, resuming=ckpts.latest_step() is not None)
+    resuming = ckpts.latest_step() is not None
+    changed = rundir.start(config, resuming=resuming)
     if changed:
         log.info("resuming with changed settings: %s", "; ".join(changed))
+    if run.num_members > 1:
+        for d, c in zip(dirs, run.members):
+            d.start(c, resuming=resuming)
     state = ckpts.restore(run.abstract_state)
     if state is None:
-        state = run.init(jax.random.key(config.seed))
+        state = run.initial_state()
     else:
         log.info("resumed from step %d", int(state.step))
-    rundir.truncate_metrics(int(state.step))
+    for d in dirs:
+        d.truncate_metrics(int(state.step))
     best = ckpts.best_metrics()
 
-    state, last_eval = _loop(run, state, ckpts, rundir, best["top1"] if best else -1.0)
+    state, last_evals = _loop(run, state, ckpts, dirs, best["top1"] if best else -1.0)
     if state is None:
         return None
-    if last_eval is None:     # resumed after the last step
-        last_eval = run.evaluate(state)
+    if last_evals is None:     # resumed after the last step
+        last_evals = run.evaluate_members(state)
     best = ckpts.best_metrics()
-    results = dict(last_eval, best_top1=best["top1"] if best else last_eval["top1"], steps=int(state.step))
-    exports = {"student": (state.params["student"], state.model_state["student"])}
-    if state.ema is not None:
-        exports["student_ema"] = (state.ema["params"], state.ema["model_state"])
-    rundir.finish(config, run.dataset.num_classes, exports, results)
-    return results
+    results = []
+    for i, (d, c, last_eval) in enumerate(zip(dirs, run.members, last_evals)):
+        if run.num_members == 1:
+            best_top1 = best["top1"] if best else last_eval["top1"]
+        else:     # the best checkpoint is the students' best mean; each student's own best is in its metrics
+            best_top1 = d.best_top1(default=last_eval["top1"])
+        results.append(dict(last_eval, best_top1=best_top1, steps=int(state.step)))
+        member = run.member_state(state, i)
+        exports = {"student": (member.params["student"], member.model_state["student"])}
+        if member.ema is not None:
+            exports["student_ema"] = (member.ema["params"], member.ema["model_state"])
+        d.finish(c, run.dataset.num_classes, exports, results[-1])
+    if run.num_members == 1:
+        return results[0]
+    summary = students.summary(config, results)
+    rundir.write_results(summary)
+    return summary
 
 
-def _loop(run, state, ckpts, rundir, best_top1):
-    """Train from `state` to the end: (final state, the last evaluation), or (None, None) after a checkpoint when
-    asked to stop early."""
+def _loop(run, state, ckpts, dirs, best_top1):
+    """Train from `state` to the end: (final state, the last evaluation of each member), or (None, None) after a
+    checkpoint when asked to stop early."""
     config, schedule = run.config, Schedule(run.steps_per_epoch, run.total_steps)
     skip = config.get("skip_nonfinite_steps")
     step_fn = reliability.skip_nonfinite(run.train_step, run.abstract_state) if skip else run.train_step
     sync_each_step = sharding.sync_each_step(run.mesh)
     start = int(state.step)
-    tally, saved, last_eval = Tally.start(), start, None
+    tally, saved, last_evals = Tally.start(), start, None
     progress, signals = _Progress(config, run.total_steps, start), reliability.StopSignals()
     try:
         for step in range(start, run.total_steps):
@@ -402,20 +527,23 @@ def _loop(run, state, ckpts, rundir, best_top1):
                 jax.block_until_ready(state)
             if sync_each_step or at_log or schedule.epoch_end(done):
                 tally.raise_if_nonfinite(ckpts)
-            progress.step(metrics if at_log else None, tally, config.data.batch_size)
-            record = {}
+            shown = metrics if run.num_members == 1 else jax.tree_util.tree_map(jnp.mean, metrics)
+            progress.step(shown if at_log else None, tally, config.data.batch_size)
+            records = []
             if schedule.epoch_end(done):
                 evaluated = schedule.itstime(done, every_epochs=config.eval_every_epochs)
-                last_eval = run.evaluate(state) if evaluated else last_eval
-                record = epoch_record(run, tally, done, last_eval if evaluated else None)
-                rundir.append_metrics(record)      # before its checkpoint: a resume drops lines past its step
+                last_evals = run.evaluate_members(state) if evaluated else last_evals
+                records = epoch_records(run, tally, done, last_evals if evaluated else None)
+                for d, record in zip(dirs, records):     # before its checkpoint: a resume drops lines past its step
+                    d.append_metrics(record)
                 tally = Tally.start(tally.first_bad)
+            top1 = float(np.mean([r["top1"] for r in records])) if records and "top1" in records[0] else None
             # checkpoint_every_steps between epoch ends, checkpoint_every_epochs at them (and the last step)
             if schedule.itstime(done, every_steps=0 if schedule.epoch_end(done) else config.checkpoint_every_steps,
                                 every_epochs=config.checkpoint_every_epochs):
-                best_top1, saved = save(ckpts, state, tally, record.get("top1"), best_top1), done
-            if record:
-                progress.write(_format_record(record))
+                best_top1, saved = save(ckpts, state, tally, top1, best_top1), done
+            for i, record in enumerate(records):
+                progress.write(_format_record(record, i if run.num_members > 1 else None))
             signalled = signals.requested(at_log)      # every step: several processes agree at log steps
             if signalled or schedule.stop_after(done, config.stop_after_epoch):
                 if saved != done:
@@ -433,7 +561,7 @@ def _loop(run, state, ckpts, rundir, best_top1):
         progress.close()
     tally.raise_if_nonfinite(ckpts)
     ckpts.close()
-    return state, last_eval
+    return state, last_evals
 
 
 class _Progress:
@@ -465,8 +593,9 @@ class _Progress:
             self.bar.close()
 
 
-def _format_record(r):
-    parts = [f"epoch {r['epoch']}", f"loss {r['train_loss']:.4f}"]
+def _format_record(r, member=None):
+    parts = [f"epoch {r['epoch']}" + (f" student {member}" if member is not None else ""),
+             f"loss {r['train_loss']:.4f}"]
     parts += [f"{k[6:]} {v:.4f}" for k, v in r.items() if k.startswith("train_") and k not in
               ("train_loss", "train_lr", "train_grad_norm", "train_steps")]
     if "top1" in r:
