@@ -222,7 +222,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     abstract_state: Any       # ShapeDtypeStructs with shardings
-    init: Callable            # rng -> TrainState (jitted, born sharded); for several members: model seeds (N,)
+    init: Callable            # rng -> TrainState (born sharded); for several members: their N model seeds
     train_step: Callable      # (state, teacher_vars, batch) -> (state, metrics) (jitted, state donated)
     eval_step: Callable       # (student params, student model_state, batch) -> metric sums (jitted)
 
@@ -234,7 +234,7 @@ class Run:
         """The state training starts from, from the model seed(s)."""
         if self.num_members == 1:
             return self.init(jax.random.key(students.model_seed(self.config)))
-        return self.init(jnp.asarray([students.model_seed(c) for c in self.members], jnp.uint32))
+        return self.init([students.model_seed(c) for c in self.members])
 
     def member_state(self, state, i):
         """Member i's state (the state itself in a single-student run)."""
@@ -341,6 +341,15 @@ def build_run(config, mesh=None, dataset=None):
     abstract_state = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                                             jax.eval_shape(init, example))
     state_sharding = jax.tree_util.tree_map(lambda s: s.sharding, abstract_state)
+    if len(members) == 1:
+        init = jax.jit(init, out_shardings=state_sharding)
+    else:
+        # Each member through a single run's init (one small program, the same for every seed, instead of N
+        # initialisations in one: that compiled for minutes on CPU), then stacked.
+        single_inits = [jax.jit(functools.partial(init_state, parts=p)) for p in settings]
+        stack = jax.jit(students.stack, out_shardings=state_sharding)
+        init = lambda seeds: stack([single_inits[i // per_setting](jax.random.key(int(seed)))  # noqa: E731
+                                    for i, seed in enumerate(seeds)])
     batch_sharding = sharding.batch_sharding(mesh)
     batch_shardings = dict(image=batch_sharding, label=batch_sharding, label_mask=batch_sharding,
                            index=batch_sharding, data_rng=replicated)
@@ -349,7 +358,7 @@ def build_run(config, mesh=None, dataset=None):
         config=config, mesh=mesh, dataset=dataset, parts=settings[0], members=members, teacher_vars=teacher_vars,
         data_rng=jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1)), replicated),
         steps_per_epoch=steps_per_epoch, total_steps=config.optim.epochs * steps_per_epoch,
-        abstract_state=abstract_state, init=_awaited(jax.jit(init, out_shardings=state_sharding), mesh),
+        abstract_state=abstract_state, init=_awaited(init, mesh),
         train_step=jax.jit(step, in_shardings=(state_sharding, replicated, batch_shardings),
                            out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
         eval_step=evaluation.make_eval_step(student, eval_transform, out_shardings=replicated))
