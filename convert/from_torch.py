@@ -65,8 +65,11 @@ class _Opaque:
 def load_checkpoint(path):
     """The object in a torch.save file, loaded with weights_only=True."""
     import argparse as argparse_module
-
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError(f"{path} is a torch.save file: reading it needs torch (pip install -e '.[convert]'); "
+                           "safetensors files and hub folders with model.safetensors do not") from None
     if not os.path.exists(path):
         raise ConvertError(f"{path}: no such file")
     if not os.path.isfile(path):
@@ -355,15 +358,15 @@ def hub_model(hub, state_dict, explicit):
     if inferred_name is not None and models.family_of(inferred_name) != models.family_of(name):
         raise ConvertError(f"{formats.HUB_CONFIG} names {name} but the weights are a {inferred_name} "
                            f"({models.family_of(inferred_name)} family)")
-    overrides = {}
+    overrides, defaults = {}, _options(name)
     if inferred_name == name or (inferred_name is not None and hub["model_args"]):
-        defaults = _options(name)   # the inferred model's overrides, re-expressed against `name`
+        # the inferred model's overrides, re-expressed against `name`
         overrides = {k: v for k, v in inferred.items() if defaults.get(k) != v}
     table = core.family_table(models.family_of(name))
     from_args = {k: models.model_kwargs(name, **{k: hub["model_args"][k]})[k]
                  for k in getattr(table, "GUESSED", ()) if k in hub["model_args"]}
     size = input_size(hub["pretrained_cfg"])
-    if "img_size" not in overrides and size is not None and size != _options(name).get("img_size", size):
+    if "img_size" not in overrides and size is not None and size != defaults.get("img_size", size):
         overrides["img_size"] = size   # a CNN's input size shows in no weight; timm's input_size says it
     overrides = {**overrides, **from_args, **explicit}
     for k in getattr(table, "GUESSED", ()):

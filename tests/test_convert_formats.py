@@ -53,8 +53,8 @@ def logits(model, name, seed=0):
 
 def timm_from_file(name, path):
     """The loading recipe for a weights file: timm's own pretrained loader pointed at it."""
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=NUM_CLASSES),
-                             num_classes=NUM_CLASSES, **TINY[name][1])
+    return timm.create_model(name, pretrained=True, num_classes=NUM_CLASSES, **TINY[name][1],
+                             pretrained_cfg_overlay=dict(file=str(path), num_classes=NUM_CLASSES))
 
 
 def assert_same_model(directory, converted_pth, **options):
@@ -119,14 +119,18 @@ def test_files_written_by_timm_convert_as_the_pth(name, converted, tmp_path, cap
     assert cli(from_torch, tmp_path / "weights.safetensors", "--out", tmp_path / "st_flax", *model_flags(name)) == 0
     assert_same_model(tmp_path / "st_flax", flax)
 
-    # Half precision reads as from a torch file of the same tensors (widened to float32, exactly).
-    half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in tm.state_dict().items()}
-    safetensors.torch.save_file(half, tmp_path / "bf16.safetensors")
-    torch.save(half, tmp_path / "bf16.pth")
-    for f in ("bf16.safetensors", "bf16.pth"):
-        assert cli(from_torch, tmp_path / f, "--out", tmp_path / f"{f}_flax", *model_flags(name)) == 0
-    assert_identical(models.load_model(tmp_path / "bf16.safetensors_flax")[1],
-                     models.load_model(tmp_path / "bf16.pth_flax")[1])
+
+def test_half_precision_reads_as_from_a_torch_file(converted, tmp_path):
+    """bfloat16 (which numpy lacks) and float16 widen to float32 exactly as torch's .float() does."""
+    tm, _, _ = converted("resnet18")
+    half = {k: (v.bfloat16() if "bn" in k else v.half()) if v.is_floating_point() else v
+            for k, v in tm.state_dict().items()}
+    safetensors.torch.save_file(half, tmp_path / "half.safetensors")
+    torch.save(half, tmp_path / "half.pth")
+    for f in ("half.safetensors", "half.pth"):
+        assert cli(from_torch, tmp_path / f, "--out", tmp_path / f"{f}_flax", *model_flags("resnet18")) == 0
+    assert_identical(models.load_model(tmp_path / "half.safetensors_flax")[1],
+                     models.load_model(tmp_path / "half.pth_flax")[1])
 
 
 def bad_sources(d, sd):
@@ -186,11 +190,12 @@ class NoTorch:
             raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
 sys.meta_path.insert(0, NoTorch())
 from convert import from_torch, to_torch
-model, out = sys.argv[1:]
+model, pth, out = sys.argv[1:]
 codes = [to_torch.main([model, "--out", out + "/model.safetensors", "--format", "safetensors"]),
          to_torch.main([model, "--out", out + "/hub", "--format", "hf"]),
          from_torch.main([out + "/hub", "--out", out + "/back"]),
-         to_torch.main([model, "--out", out + "/model.pth"])]
+         to_torch.main([model, "--out", out + "/model.pth"]),
+         from_torch.main([pth, "--out", out + "/from_pth"])]
 print(json.dumps(dict(codes=codes, loaded=sorted({m.partition(".")[0] for m in sys.modules} & {"torch", "timm"}))))
 """
 
@@ -199,15 +204,17 @@ def test_safetensors_and_hub_export_need_no_torch(converted, tmp_path):
     name = "vit_small_patch16_224"
     tm, d, flax = converted(name)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(d / "flax"), str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(d / "flax"), str(d / "model.pth"), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == dict(codes=[0, 0, 0, 2], loaded=[]), (result, proc.stderr[-3000:])
+    assert result == dict(codes=[0, 0, 0, 2, 2], loaded=[]), (result, proc.stderr[-3000:])
     assert "the load was not checked" in proc.stdout
-    assert proc.stderr.strip().splitlines()[-1] == ("error: --format pth needs torch (pip install -e '.[convert]'); "
-                                                    "--format safetensors and hf do not")
-    assert not (tmp_path / "model.pth").exists()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --format pth needs torch (pip install -e '.[convert]'); --format safetensors and hf "
+                      "do not", f"error: {d / 'model.pth'} is a torch.save file: reading it needs torch (pip install "
+                      "-e '.[convert]'); safetensors files and hub folders with model.safetensors do not"], errors
+    assert "Traceback" not in proc.stderr and sorted(os.listdir(tmp_path)) == ["back", "hub", "model.safetensors"]
     # What was written there loads in timm here, and the hub folder read back there is the source.
     assert_same_logits(timm_from_file(name, tmp_path / "model.safetensors"), tm, name)
     assert_same_logits(timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True), tm, name)
