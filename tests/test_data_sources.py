@@ -95,3 +95,74 @@ def test_tfds_dataset_read_back_without_tensorflow(tmp_path, monkeypatch):
                         "no split 'test'")):
         with pytest.raises(UserError, match=match):
             data.load(data_config(data_dir=str(tmp_path), **dict(dict(label_key="kind"), **bad)))
+
+
+# ------------------------------------------------------------------------------------------------ image folder
+def write_tree(root, sizes_by_class, seed=0, formats=("JPEG", "PNG")):
+    """root/<class>/<i>.jpg|png with random images of the given (width, height) sizes; returns {path: array}."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for cls, sizes in sizes_by_class.items():
+        os.makedirs(root / cls, exist_ok=True)
+        for i, (w, h) in enumerate(sizes):
+            fmt = formats[i % len(formats)]
+            path = root / cls / f"{i}.{'jpg' if fmt == 'JPEG' else 'png'}"
+            # Smooth images (a small random image upsampled) so that JPEG keeps them close to what was written.
+            Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR).save(
+                path, format=fmt)
+            written[str(path)] = np.asarray(Image.open(path).convert("RGB"))
+    return written
+
+
+def timm_eval_square(path, size):
+    """timm's eval transform at crop_pct 1 with bicubic, in PIL (the independent reference)."""
+    import torchvision.transforms as T
+    transform = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
+    return np.asarray(transform(Image.open(path).convert("RGB")))
+
+
+def test_prepare_folder_then_load(tmp_path):
+    pytest.importorskip("torchvision")
+    from rsd_jax.data import folder
+    sizes = {"cat": [(20, 14), (9, 13)], "dog": [(16, 16), (30, 11), (12, 12)], "eel": [(17, 25)]}
+    train = write_tree(tmp_path / "train", sizes, seed=1)
+    val = write_tree(tmp_path / "val", {c: s[:1] for c, s in sizes.items()}, seed=2)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image: ignored")
+    messages = []
+    out = tmp_path / "out"
+    folder.prepare(str(tmp_path / "train"), str(tmp_path / "val"), 8, str(out), log=messages.append)
+    ds = data.load(data_config(name=f"folder:{out}"))
+    assert ds.num_classes == 3 and json.loads((out / "info.json").read_text())["classes"] == ["cat", "dog", "eel"]
+    for got, written in ((ds.train, train), (ds.test, val)):
+        paths = sorted(written, key=lambda p: (p.split(os.sep)[-2], p))
+        assert got.images.shape == (len(paths), 8, 8, 3) and got.images.dtype == np.uint8
+        assert [["cat", "dog", "eel"][i] for i in got.labels] == [p.split(os.sep)[-2] for p in paths]
+        for image, path in zip(got.images, paths):
+            np.testing.assert_array_equal(image, timm_eval_square(path, 8))
+    pixels = ds.train.images.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(ds.mean, pixels.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(ds.std, pixels.std(0), rtol=1e-9)
+    assert "3 classes (6 train / 3 val" in messages[0]
+    assert sorted(os.listdir(tmp_path)) == ["out", "train", "val"]      # no staging left
+
+    # A corrupt file: a one-line error naming it through the command line, nothing written; --skip_bad counts it.
+    (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    r = _run("rsd_jax.data.prepare", "folder", "--train", tmp_path / "train", "--val", tmp_path / "val",
+             "--size", 8, "--data_dir", tmp_path / "out2")
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot read image ") and "broken.jpg" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "out2").exists(), r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["out", "train", "val"]
+    folder.prepare(str(tmp_path / "train"), str(tmp_path / "val"), 8, str(out), skip_bad=True,
+                   log=messages.append)
+    assert "1 unreadable files skipped" in messages[-1] and len(data.load(data_config(name=f"folder:{out}")).train) == 6
+
+    # A class only in one split, an empty class.
+    write_tree(tmp_path / "val", {"fox": [(8, 8)]})
+    with pytest.raises(UserError, match="class 'fox' is in --val but not in --train"):
+        folder.prepare(str(tmp_path / "train"), str(tmp_path / "val"), 8, str(tmp_path / "o3"))
+    (tmp_path / "train" / "fox").mkdir()
+    with pytest.raises(UserError, match="class 'fox' of --train .* holds no"):
+        folder.prepare(str(tmp_path / "train"), str(tmp_path / "val"), 8, str(tmp_path / "o3"))
+    assert not (tmp_path / "o3").exists()
+    with pytest.raises(UserError, match="holds no prepared image folder"):
+        data.load(data_config(name=f"folder:{tmp_path / 'o3'}"))
