@@ -3,10 +3,12 @@ labels); batches are drawn in a per-epoch order that depends only on (seed, epoc
 batches the uninterrupted run would have seen. Augmentation runs on the device, inside the train step
 (`rsd_jax.data.augment`).
 """
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -85,6 +87,31 @@ def write_json_atomic(path, value):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_directory(final):
+    """Yields a path (not yet created) in a temporary directory next to `final` to write a prepared dataset into;
+    when the block ends without an error it replaces `final` (a previous version is removed only then), otherwise
+    nothing is left behind. An OSError becomes a UserError."""
+    parent = os.path.dirname(final)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    except OSError as e:
+        raise UserError(f"cannot write to {parent}: {e.strerror or e}") from None
+    old = os.path.join(staging, "old")
+    try:
+        yield os.path.join(staging, "new")
+        if os.path.exists(final):
+            os.rename(final, old)
+        os.rename(os.path.join(staging, "new"), final)
+    except OSError as e:
+        if not os.path.exists(final) and os.path.exists(old):
+            os.rename(old, final)
+        raise UserError(f"cannot write to {parent}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def configured_mean_std(config):

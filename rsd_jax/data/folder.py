@@ -16,8 +16,6 @@ preparation in OUT is replaced only by a complete new one.
 """
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
@@ -89,14 +87,7 @@ def prepare(train, val, size, out, skip_bad=False, log=print):
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, "info.json")):
         raise UserError(f"--data_dir {out} exists and is not an image-folder preparation: choose a new directory")
-    parent = os.path.dirname(out)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    except OSError as e:
-        raise UserError(f"cannot write to {parent}: {e.strerror or e}") from None
-    try:
-        new = os.path.join(staging, "new")
+    with data.staged_directory(out) as new:
         os.makedirs(new)
         counts, skipped = {}, []
         for split, flag in SPLITS.items():
@@ -131,15 +122,6 @@ def prepare(train, val, size, out, skip_bad=False, log=print):
                     **{f"num_{k}": v for k, v in counts.items()})
         with open(os.path.join(new, "info.json"), "w") as f:
             json.dump(info, f, indent=1)
-        if os.path.exists(out):
-            os.rename(out, os.path.join(staging, "old"))
-        os.rename(new, out)
-    except OSError as e:
-        if not os.path.exists(out) and os.path.exists(os.path.join(staging, "old")):
-            os.rename(os.path.join(staging, "old"), out)
-        raise UserError(f"cannot write to {parent}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     note = f", {len(skipped)} unreadable files skipped" if skipped else ""
     log(f"prepared {len(classes)} classes ({counts['train']} train / {counts['test']} val images, {size}x{size}"
         f"{note}) in {out}; use --config.data.name=folder:{out}")

@@ -17,14 +17,12 @@ import hashlib
 import io
 import os
 import pickle
-import shutil
 import tarfile
-import tempfile
 
 import numpy as np
 from absl import flags
 
-from rsd_jax import cli
+from rsd_jax import cli, data
 from rsd_jax.data import cifar
 from rsd_jax.errors import UserError
 
@@ -143,23 +141,9 @@ def prepare_cifar100(archive, data_dir, log=print):
     info = dict(source=os.path.basename(archive), archive_kind=kind, official_archive=official,
                 classes=classes, **sums)
     data_dir = os.path.expanduser(data_dir)
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{cifar.SUBDIR}.tmp-", dir=data_dir)
-    except OSError as e:
-        raise UserError(f"cannot write to {data_dir}: {e.strerror or e}") from None
     final = os.path.join(data_dir, cifar.SUBDIR)
-    try:
-        cifar.write_prepared(os.path.join(staging, "new"), splits, info)
-        if os.path.exists(final):
-            os.rename(final, os.path.join(staging, "old"))
-        os.rename(os.path.join(staging, "new"), final)
-    except OSError as e:
-        if not os.path.exists(final) and os.path.exists(os.path.join(staging, "old")):
-            os.rename(os.path.join(staging, "old"), final)
-        raise UserError(f"cannot write to {data_dir}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with data.staged_directory(final) as new:
+        cifar.write_prepared(new, splits, info)
     log(f"prepared CIFAR-100 ({counts['train']} train / {counts['test']} test, {kind} archive"
         f"{', official' if official else ''}) in {final}; use --config.data.name=cifar100 "
         f"--config.data.data_dir={data_dir}")
