@@ -166,3 +166,182 @@ def test_prepare_folder_then_load(tmp_path):
     assert not (tmp_path / "o3").exists()
     with pytest.raises(UserError, match="holds no prepared image folder"):
         data.load(data_config(name=f"folder:{tmp_path / 'o3'}"))
+
+
+# ------------------------------------------------------------------------------------------------ imagenet
+SIZES = [(50, 37), (37, 50), (64, 64), (90, 40), (30, 72), (45, 45)]   # (width, height), as PIL
+
+
+@pytest.fixture(scope="module")
+def ilsvrc(tmp_path_factory):
+    """A tiny ILSVRC layout (3 wnids; 27 train and 9 val JPEGs of several sizes) prepared with `prepare imagenet`."""
+    from rsd_jax.data import imagenet
+    root = tmp_path_factory.mktemp("ilsvrc")
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    files = {}
+    for split, per_class, seed in (("train", 9, 3), ("val", 3, 4)):
+        files[split] = write_tree(root / split, {w: [SIZES[(i + j) % len(SIZES)] for i in range(per_class)]
+                                                 for j, w in enumerate(wnids)}, seed=seed, formats=("JPEG",))
+    imagenet.prepare(str(root / "train"), str(root / "val"), str(root / "out"), log=lambda m: None)
+    return root, files
+
+
+def imagenet_config(root, **kw):
+    from rsd_jax.data import augment
+    return data_config(**dict(dict(name="imagenet2012", data_dir=str(root / "out"), image_size=16, workers=0,
+                                   augment=augment.default_config()), **kw))
+
+
+def test_prepare_imagenet_records_hold_the_files(ilsvrc):
+    import grain
+
+    from rsd_jax.data import imagenet
+    root, files = ilsvrc
+    directory = root / "out" / imagenet.SUBDIR
+    info = json.loads((directory / "info.json").read_text())
+    assert info["classes"] == ["n01440764", "n01443537", "n01484850"]
+    assert (info["num_train"], info["num_validation"]) == (27, 9)
+    for split, flag in imagenet.SPLITS.items():
+        source = grain.sources.ArrayRecordDataSource(imagenet.shard_paths(str(directory), split,
+                                                                          info["shards"][split]))
+        paths = sorted(files[flag], key=lambda p: (p.split(os.sep)[-2], p))
+        assert len(source) == len(paths)
+        for i, path in enumerate(paths):
+            label, raw = imagenet.decode_record(source[i])
+            assert info["classes"][label] == path.split(os.sep)[-2] and raw == open(path, "rb").read()
+
+
+def test_imagenet_batches_are_a_function_of_seed_and_step(ilsvrc):
+    root, _ = ilsvrc
+    ds = data.load(imagenet_config(root))
+    assert "tensorflow" not in sys.modules and ds.num_classes == 3 and len(ds.train) == 27
+    batch, steps_per_epoch = 8, 27 // 8
+    seq = [data.train_batch(ds.train, 5, s, batch) for s in range(2 * steps_per_epoch)]
+    assert seq[0]["image"].shape == (batch, 16, 16, 3) and seq[0]["image"].dtype == np.uint8
+    # Each epoch: distinct records in epoch_order; the labels are those of the records.
+    for e in range(2):
+        index = np.concatenate([b["index"] for b in seq[e * steps_per_epoch:(e + 1) * steps_per_epoch]])
+        np.testing.assert_array_equal(index, data.epoch_order(27, 5, e)[:len(index)])
+    labels = np.concatenate([b["label"] for b in seq])
+    np.testing.assert_array_equal(labels, np.concatenate([b["index"] for b in seq]) // 9)
+    # A fresh dataset (a resumed run) asked for step 4 directly, then 5: the uninterrupted batches, bit for bit.
+    resumed = data.load(imagenet_config(root))
+    for s in (4, 5, 1):
+        got = data.train_batch(resumed.train, 5, s, batch)
+        for key in got:
+            np.testing.assert_array_equal(got[key], seq[s][key])
+    # Process shards: each process decodes its rows; together the global batch. Another seed: another batch.
+    halves = [data.train_batch(resumed.train, 5, 3, batch, p, 2) for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), seq[3]["image"])
+    assert not np.array_equal(data.train_batch(resumed.train, 6, 3, batch)["index"], seq[3]["index"])
+    # Worker processes (Grain) change nothing.
+    workers = data.load(imagenet_config(root, workers=2))
+    got = data.train_batch(workers.train, 5, 2, batch)
+    np.testing.assert_array_equal(got["image"], seq[2]["image"])
+    evals = list(data.eval_batches(resumed.test, 4))
+    assert len(evals) == 3 and [e["weight"].sum() for e in evals] == [4, 4, 1]
+    assert all(e["image"].shape == (4, 18, 18, 3) for e in evals)   # floor(16 / 0.875) = 18
+
+
+def _quantiles(boxes, width, height):
+    boxes = np.asarray(boxes, np.float64)
+    top, left, h, w = boxes.T
+    q = np.linspace(0.05, 0.95, 19)
+    return (np.quantile(h * w / (width * height), q), np.quantile(np.log(w / h), q),
+            np.quantile(top / max(1, height - h.min()), q), np.mean((h == height) & (w == width)))
+
+
+@pytest.mark.parametrize("width, height", [(500, 375), (375, 500), (100, 100), (40, 160)])
+def test_crop_box_distribution_matches_timm(width, height):
+    """20,000 draws each of ours and timm's get_params on the same size: the quantiles of the area fraction, the log
+    aspect ratio and the vertical offset agree within 0.02 (about 4 standard errors), and so does the rate of
+    the whole-image box (timm's fallback where it applies)."""
+    import random
+
+    pytest.importorskip("torch")
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    from rsd_jax.data import imagenet
+    image = Image.new("RGB", (width, height))
+    random.seed(0)
+    theirs = [RandomResizedCropAndInterpolation.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(20000)]
+    rng = np.random.default_rng(0)
+    ours = [imagenet.crop_box(rng, width, height) for _ in range(20000)]
+    for box in ours[:200]:
+        top, left, h, w = box
+        assert 0 <= top and 0 <= left and top + h <= height and left + w <= width and h >= 1 and w >= 1
+    for a, b in zip(_quantiles(ours, width, height), _quantiles(theirs, width, height)):
+        np.testing.assert_allclose(a, b, atol=0.02)
+
+
+def test_imagenet_transforms_match_timm(ilsvrc):
+    """Eval: our host square, centre-cropped as the device does, is timm's eval transform (PIL) exactly. Train: with
+    timm's box, our crop (a reduced JPEG decode where the box allows) is PIL's crop + resize within a few levels."""
+    pytest.importorskip("torch")
+    from timm.data import create_transform
+
+    from rsd_jax.data import imagenet
+    root, files = ilsvrc
+    for path in files["val"]:
+        raw = open(path, "rb").read()
+        for size, crop_pct, interp in ((16, 0.875, "bicubic"), (24, 0.95, "bilinear")):
+            timm_eval = create_transform(size, is_training=False, crop_pct=crop_pct, interpolation=interp)
+            pil_steps = [t for t in timm_eval.transforms if type(t).__name__ in ("Resize", "CenterCrop")]
+            assert len(pil_steps) == 2
+            want = Image.open(io.BytesIO(raw)).convert("RGB")
+            for t in pil_steps:
+                want = t(want)
+            square = int(size / crop_pct)
+            got = imagenet.eval_example(raw, square, size, interp == "bicubic")
+            off = int(round((square - size) / 2.0))
+            np.testing.assert_array_equal(got[off:off + size, off:off + size], np.asarray(want), err_msg=path)
+    rng = np.random.default_rng(1)
+    for path in files["train"]:
+        raw = open(path, "rb").read()
+        full = Image.open(io.BytesIO(raw)).convert("RGB")
+        seed = int(rng.integers(1 << 30))
+        got = imagenet.train_example(raw, np.random.default_rng(seed), 16, (0.08, 1.0), (3 / 4, 4 / 3),
+                                     "bicubic", 0.0)
+        top, left, h, w = imagenet.crop_box(np.random.default_rng(seed), *full.size)
+        want = np.asarray(full.crop((left, top, left + w, top + h)).resize((16, 16), Image.BICUBIC), np.float64)
+        assert np.abs(got - want).mean() < 4, path
+        flipped = imagenet.train_example(raw, np.random.default_rng(seed), 16, (0.08, 1.0), (3 / 4, 4 / 3),
+                                         "bicubic", 1.0)
+        np.testing.assert_array_equal(flipped, got[:, ::-1])
+
+
+def test_imagenet_errors(tmp_path, ilsvrc):
+    from rsd_jax.data import imagenet
+    for config in (data_config(name="imagenet2012"), data_config(name="imagenet2012", data_dir=str(tmp_path))):
+        with pytest.raises(UserError, match="rsd_jax.data.prepare imagenet"):
+            data.load(config)
+    root, files = ilsvrc
+    train = tmp_path / "train"
+    write_tree(train, {"n1": [(20, 20)], "n2": [(20, 20)]}, formats=("JPEG",))
+    write_tree(tmp_path / "val", {"n1": [(20, 20)], "n2": [(20, 20)]}, formats=("JPEG",))
+    good = open(train / "n2" / "0.jpg", "rb").read()
+    (train / "n2" / "1.JPEG").write_bytes(good[:len(good) // 3])        # truncated
+    r = _run("rsd_jax.data.prepare", "imagenet", "--train", train, "--val", tmp_path / "val",
+             "--data_dir", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot read image ") and "1.JPEG" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and os.listdir(tmp_path / "out") == []    # nothing written
+    imagenet.prepare(str(train), str(tmp_path / "val"), str(tmp_path / "out"), skip_bad=True, log=lambda m: None)
+    info = json.loads((tmp_path / "out" / imagenet.SUBDIR / "info.json").read_text())
+    assert info["num_train"] == 2 and len(info["skipped"]) == 1
+
+
+def test_device_leaves_out_what_the_host_did():
+    """With the streamed ImageNet's host_augment the device train transform is only the normalisation (no second
+    crop or flip); the config itself is untouched."""
+    import jax
+    import jax.numpy as jnp
+
+    from rsd_jax.data import augment, imagenet
+    config = augment.default_config()
+    device = augment.on_device(config, imagenet.HOST_AUGMENT)
+    assert config.random_resized_crop and config.hflip == 0.5
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)), jnp.uint8)
+    mean, std = imagenet.MEAN, imagenet.STD
+    got = augment.train_transform(device, mean, std, size=16)(images, jax.random.key(0))
+    np.testing.assert_allclose(got, augment.normalize(images, mean, std), atol=1e-6)
+    assert augment.on_device(config, ()) is config

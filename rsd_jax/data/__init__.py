@@ -124,6 +124,19 @@ def configured_mean_std(config):
     return tuple(map(float, mean)), tuple(map(float, std))
 
 
+def central_crop_box(width, height, ratio):
+    """timm RandomResizedCrop's fallback when no try fits: the central box of the whole image clipped to the
+    aspect range `ratio`, as (top, left, height, width)."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 @functools.lru_cache(maxsize=2)
 def epoch_order(num_examples, seed, epoch):
     """The permutation of the training set used in `epoch` (read-only). Cached: redrawn per step it was most of the

@@ -79,6 +79,32 @@ def read_image(path):
         raise UserError(f"cannot read image {path}: {reason}") from None
 
 
+def readable(files, read, skip_bad, skipped):
+    """(read(path), label) of each (path, label) in `files`; an unreadable file (read raises UserError) stops
+    everything, or with `skip_bad` is appended to `skipped` and left out."""
+    for path, label in files:
+        try:
+            value = read(path)
+        except UserError:
+            if not skip_bad:
+                raise
+            skipped.append(path)
+            continue
+        yield value, label
+
+
+def labelled_files(classes, tree):
+    """[(path, class number)] of a tree, class by class."""
+    return [(path, label) for label, cls in enumerate(classes) for path in tree[cls]]
+
+
+def write_info(directory, info, skipped):
+    """info.json of a preparation; the note on the skipped files for its closing message."""
+    with open(os.path.join(directory, "info.json"), "w") as f:
+        json.dump(dict(info, skipped=skipped), f, indent=1)
+    return f", {len(skipped)} unreadable files skipped" if skipped else ""
+
+
 def prepare(train, val, size, out, skip_bad=False, log=print):
     if size < 1:
         raise UserError(f"--size {size} must be positive")
@@ -91,18 +117,13 @@ def prepare(train, val, size, out, skip_bad=False, log=print):
         os.makedirs(new)
         counts, skipped = {}, []
         for split, flag in SPLITS.items():
-            files = [(path, label) for label, cls in enumerate(classes) for path in trees[flag][cls]]
+            files = labelled_files(classes, trees[flag])
             images = np.lib.format.open_memmap(os.path.join(new, f"{split}_images.npy"), "w+", np.uint8,
                                                (len(files), size, size, 3))
             labels = []
-            for path, label in files:
-                try:
-                    images[len(labels)] = centre_square(read_image(path), size)
-                except UserError:
-                    if not skip_bad:
-                        raise
-                    skipped.append(path)
-                    continue
+            for image, label in readable(files, lambda path: centre_square(read_image(path), size), skip_bad,
+                                         skipped):
+                images[len(labels)] = image
                 labels.append(label)
             images.flush()
             del images
@@ -117,12 +138,9 @@ def prepare(train, val, size, out, skip_bad=False, log=print):
             np.save(os.path.join(new, f"{split}_labels.npy"), np.asarray(labels, np.int32))
             counts[split] = len(labels)
         mean, std = data.mean_std(np.load(os.path.join(new, "train_images.npy"), mmap_mode="r"))
-        info = dict(format=FORMAT, version=VERSION, size=size, classes=classes, train_dir=os.path.abspath(train),
-                    val_dir=os.path.abspath(val), mean=mean, std=std, skipped=skipped,
-                    **{f"num_{k}": v for k, v in counts.items()})
-        with open(os.path.join(new, "info.json"), "w") as f:
-            json.dump(info, f, indent=1)
-    note = f", {len(skipped)} unreadable files skipped" if skipped else ""
+        note = write_info(new, dict(format=FORMAT, version=VERSION, size=size, classes=classes, mean=mean, std=std,
+                                    train_dir=os.path.abspath(train), val_dir=os.path.abspath(val),
+                                    **{f"num_{k}": v for k, v in counts.items()}), skipped)
     log(f"prepared {len(classes)} classes ({counts['train']} train / {counts['test']} val images, {size}x{size}"
         f"{note}) in {out}; use --config.data.name=folder:{out}")
     return out
