@@ -345,3 +345,41 @@ def test_device_leaves_out_what_the_host_did():
     got = augment.train_transform(device, mean, std, size=16)(images, jax.random.key(0))
     np.testing.assert_allclose(got, augment.normalize(images, mean, std), atol=1e-6)
     assert augment.on_device(config, ()) is config
+
+
+def test_tfds_imagenet2012_as_array_record(tmp_path, ilsvrc):
+    """tfds' imagenet2012 layout prepared as ArrayRecord (a stand-in builder of the same name and features, over the
+    tiny ILSVRC JPEGs) streams like ours: the labels and JPEG bytes of its records, eval as timm."""
+    import tensorflow_datasets as tfds
+
+    from rsd_jax.data import imagenet
+    root, files = ilsvrc
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    with tfds.core.registered.skip_registration():
+        class Imagenet2012(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("5.1.0")
+
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(encoding_format="jpeg"),
+                    "label": tfds.features.ClassLabel(names=wnids)}))
+
+            def _split_generators(self, dl_manager):
+                return {split: self._generate_examples(flag) for split, flag in imagenet.SPLITS.items()}
+
+            def _generate_examples(self, flag):
+                for path in sorted(files[flag]):
+                    yield path, {"image": io.BytesIO(open(path, "rb").read()),
+                                 "label": wnids.index(path.split(os.sep)[-2])}
+
+    Imagenet2012(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    ds = data.load(imagenet_config(root, data_dir=str(tmp_path)))
+    assert ds.num_classes == 3 and (len(ds.train), len(ds.test)) == (27, 9) and "tensorflow" not in sys.modules
+    by_bytes = {open(p, "rb").read(): wnids.index(p.split(os.sep)[-2]) for p in files["train"]}
+    for i in range(len(ds.train)):
+        label, raw = ds.train.records(i)
+        assert by_bytes[raw] == label
+    batch = data.train_batch(ds.train, 0, 1, 8)
+    np.testing.assert_array_equal(batch["label"], [ds.train.records(i)[0] for i in batch["index"]])
+    evals = list(data.eval_batches(ds.test, 9))
+    assert evals[0]["image"].shape == (9, 18, 18, 3) and evals[0]["weight"].sum() == 9

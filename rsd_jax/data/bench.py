@@ -46,7 +46,7 @@ def bench_imagenet(data_dir, images, size, workers):
     config = ml_collections.ConfigDict(dict(name="imagenet2012", data_dir=data_dir, image_size=size, workers=0,
                                             augment=augment.default_config()))
     split = data.load(config).train
-    examples = imagenet.Examples(split.paths, len(split), 0, 1, (0, 1), split.transform, True)
+    examples = imagenet.Examples(split.records, len(split), 0, 1, (0, 1), split.transform, True)
     count = min(images, len(split))
     examples(0)                                           # open the files once
     start = time.perf_counter()
@@ -56,7 +56,7 @@ def bench_imagenet(data_dir, images, size, workers):
     out = dict(images_per_s_per_worker=rate, workers_for_target=math.ceil(TARGET / rate), images=count)
     if workers:
         batch = 32
-        stream = imagenet.StreamSplit(split.paths, len(split), split.transform, workers)
+        stream = imagenet.StreamSplit(split.records, len(split), split.transform, workers)
         stream.train_batch(0, 0, batch, slice(None))      # start the workers
         steps = max(1, count // batch)
         start = time.perf_counter()

@@ -101,6 +101,38 @@ def prepare(train, val, data_dir, skip_bad=False, log=print):
     return final
 
 
+class RecordFiles:
+    """(label, image bytes) of record i of our files; opened on first use, in each worker process."""
+
+    def __init__(self, paths):
+        self.paths, self._source = paths, None
+
+    def __getstate__(self):
+        return dict(self.__dict__, _source=None)
+
+    def __call__(self, i):
+        if self._source is None:
+            import grain
+            self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        return decode_record(self._source[i])
+
+
+class TfdsRecords(RecordFiles):
+    """(label, JPEG bytes) of example i of a tfds imagenet2012 split prepared as ArrayRecord, undecoded."""
+
+    def __init__(self, directory, split):
+        super().__init__(None)
+        self.directory, self.split = directory, split
+
+    def __call__(self, i):
+        if self._source is None:
+            import tensorflow_datasets as tfds
+            self._source = tfds.builder_from_directory(self.directory).as_data_source(
+                self.split, decoders={"image": tfds.decode.SkipDecoding()})
+        record = self._source[i]
+        return int(record["label"]), record["image"]
+
+
 # ------------------------------------------------------------------------------------------------ transforms
 def crop_box(rng, width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
     """timm's RandomResizedCrop.get_params, drawn from the numpy Generator `rng`: (top, left, height, width)."""
@@ -159,16 +191,12 @@ def eval_example(image_bytes, square, size, cubic):
 # ------------------------------------------------------------------------------------------------ the stream
 class Examples:
     """Position -> decoded example of one process's rows: position p is row rows[p % local] of global batch
-    p // local. Picklable (Grain sends it to the worker processes); the record source opens in each."""
+    first_step + p // local. Picklable (Grain sends it to the worker processes)."""
 
-    def __init__(self, paths, num_examples, seed, global_batch, rows, transform, train, first_step=0):
-        self.paths, self.num_examples, self.seed = paths, num_examples, seed
+    def __init__(self, records, num_examples, seed, global_batch, rows, transform, train, first_step=0):
+        self.records, self.num_examples, self.seed = records, num_examples, seed
         self.global_batch, self.start, self.local = global_batch, rows[0], rows[1] - rows[0]
         self.transform, self.train, self.first_step = transform, train, first_step
-        self._source = None
-
-    def __getstate__(self):
-        return dict(self.__dict__, _source=None)
 
     def record_of(self, position):
         """(epoch, record number) at a local position: train in epoch order, eval in order (padding repeats the
@@ -183,11 +211,8 @@ class Examples:
         return epoch, int(data.epoch_order(self.num_examples, self.seed, epoch)[index * self.global_batch + row])
 
     def __call__(self, position):
-        if self._source is None:
-            import grain
-            self._source = grain.sources.ArrayRecordDataSource(self.paths)
         epoch, record = self.record_of(position)
-        label, image_bytes = decode_record(self._source[record])
+        label, image_bytes = self.records(record)
         rng = np.random.default_rng([self.seed, epoch, record])
         return self.transform(image_bytes, rng), np.int32(label), np.int32(record)
 
@@ -214,8 +239,8 @@ def iterate(examples, num_positions, workers):
 class StreamSplit:
     """One split of the prepared records; `data.train_batch` / `data.eval_batches` call its two methods."""
 
-    def __init__(self, paths, num_examples, transform, workers):
-        self.paths, self.num_examples, self.transform, self.workers = paths, num_examples, transform, workers
+    def __init__(self, records, num_examples, transform, workers):
+        self.records, self.num_examples, self.transform, self.workers = records, num_examples, transform, workers
         self._cursor = None   # (seed, global_batch, rows, next step, iterator): sequential steps reuse the stream
 
     def __len__(self):
@@ -229,7 +254,7 @@ class StreamSplit:
         rows = self._rows(global_batch, rows)
         key = (seed, global_batch, rows)
         if self._cursor is None or self._cursor[:3] != key or self._cursor[3] != step:
-            examples = Examples(self.paths, self.num_examples, seed, global_batch, rows, self.transform, True,
+            examples = Examples(self.records, self.num_examples, seed, global_batch, rows, self.transform, True,
                                 first_step=step)
             # Open-ended: a run reads as many steps as it trains; the iterator only decodes what is asked for.
             self._cursor = key + (step, iterate(examples, 2 ** 40, self.workers))
@@ -241,7 +266,7 @@ class StreamSplit:
         """In record order, the last global batch padded with weight-0 copies of the split's last example."""
         rows = self._rows(global_batch, rows)
         steps = -(-self.num_examples // global_batch)
-        examples = Examples(self.paths, self.num_examples, 0, global_batch, rows, self.transform, False)
+        examples = Examples(self.records, self.num_examples, 0, global_batch, rows, self.transform, False)
         batches = iterate(examples, steps * (rows[1] - rows[0]), self.workers)
         for step in range(steps):
             images, labels, index = next(batches)
@@ -269,27 +294,53 @@ class EvalTransform:
         return eval_example(image_bytes, *self.args)
 
 
-def load(config):
-    data_dir = os.path.expanduser(config.get("data_dir", "") or "")
-    directory = os.path.join(data_dir, SUBDIR)
-    if not data_dir or not os.path.isfile(os.path.join(directory, "info.json")):
-        raise UserError(f"data.data_dir {data_dir or '(unset)'} holds no prepared ImageNet: {PREPARE_HINT}")
+def our_splits(directory):
+    """{split: (records, count)} and class names of our preparation in `directory`."""
     with open(os.path.join(directory, "info.json")) as f:
         info = json.load(f)
     if info.get("format") != FORMAT or info.get("version") != VERSION:
         raise UserError(f"{directory} was not written by this version of rsd_jax: {PREPARE_HINT}")
+    splits = {}
     for split in SPLITS:
-        missing = [p for p in shard_paths(directory, split, info["shards"][split]) if not os.path.isfile(p)]
+        paths = shard_paths(directory, split, info["shards"][split])
+        missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise UserError(f"{directory} is incomplete ({missing[0]} is missing): {PREPARE_HINT}")
+        splits[split] = (RecordFiles(paths), info[f"num_{split}"])
+    return splits, info["classes"]
+
+
+def tfds_splits(data_dir):
+    """{split: (records, count)} and class names of tfds' imagenet2012 prepared as ArrayRecord in data_dir."""
+    from rsd_jax.data import tfds_source
+    directory = tfds_source.version_dir(data_dir, "imagenet2012")
+    with open(os.path.join(directory, "dataset_info.json")) as f:
+        file_format = json.load(f).get("fileFormat", "tfrecord")
+    if file_format != "array_record":
+        raise UserError(f"{directory} holds tfds {file_format} files, which need TensorFlow: prepare it with "
+                        f"--file_format=array_record, or {PREPARE_HINT}")
+    import tensorflow_datasets as tfds
+    info = tfds.builder_from_directory(directory).info
+    splits = {split: (TfdsRecords(directory, split), info.splits[split].num_examples) for split in SPLITS}
+    return splits, info.features["label"].names
+
+
+def load(config):
+    data_dir = os.path.expanduser(config.get("data_dir", "") or "")
+    if data_dir and os.path.isfile(os.path.join(data_dir, SUBDIR, "info.json")):
+        splits, classes = our_splits(os.path.join(data_dir, SUBDIR))
+    elif data_dir and os.path.isdir(os.path.join(data_dir, "imagenet2012")):
+        splits, classes = tfds_splits(data_dir)
+    else:
+        raise UserError(f"data.data_dir {data_dir or '(unset)'} holds no prepared ImageNet: {PREPARE_HINT} (or tfds' "
+                        f"imagenet2012 prepared with --file_format=array_record)")
     size = config.image_size
     augment = config.get("augment", None) or {}
     square = config.get("host_image_size", 0) or math.floor(size / (augment.get("crop_pct", 0) or 0.875))
     cubic = (augment.get("eval_interpolation", "") or "bicubic") == "bicubic"
     workers = int(config.get("workers", 0))
-    splits = {split: StreamSplit(shard_paths(directory, split, info["shards"][split]), info[f"num_{split}"],
-                                 TrainTransform(size, augment) if split == "train" else
-                                 EvalTransform(square, size, cubic), workers)
-              for split in SPLITS}
-    return data.Dataset(name="imagenet2012", num_classes=len(info["classes"]), mean=MEAN, std=STD,
-                        train=splits["train"], test=splits["validation"], host_augment=HOST_AUGMENT)
+    transforms = {"train": TrainTransform(size, augment), "validation": EvalTransform(square, size, cubic)}
+    streams = {split: StreamSplit(records, count, transforms[split], workers)
+               for split, (records, count) in splits.items()}
+    return data.Dataset(name="imagenet2012", num_classes=len(classes), mean=MEAN, std=STD,
+                        train=streams["train"], test=streams["validation"], host_augment=HOST_AUGMENT)
