@@ -20,8 +20,9 @@ def base_config():
         image_key="image", label_key="label", train_split="train", test_split="",
         # Per-channel normalisation (0..1 scale) for tfds:/folder: datasets; () = computed from the training split.
         mean=(), std=(),
-        # imagenet2012: host decoding worker processes (rsd_jax/data/imagenet.py).
-        workers=8,
+        # imagenet2012 (rsd_jax/data/imagenet.py): host decoding worker processes (0 = in the training process), and
+        # the eval side the host resizes to (0 = floor(image_size / (augment.crop_pct or 0.875))).
+        workers=8, host_image_size=0,
         # On-device augmentation: the reference's CNN recipe by default (rsd_jax/data/augment.py).
         augment=augment.default_config(),
     ))

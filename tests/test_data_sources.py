@@ -383,3 +383,13 @@ def test_tfds_imagenet2012_as_array_record(tmp_path, ilsvrc):
     np.testing.assert_array_equal(batch["label"], [ds.train.records(i)[0] for i in batch["index"]])
     evals = list(data.eval_batches(ds.test, 9))
     assert evals[0]["image"].shape == (9, 18, 18, 3) and evals[0]["weight"].sum() == 9
+
+
+def test_bench_imagenet_reports_the_decode_rate(ilsvrc, capsys):
+    from rsd_jax.data import bench
+    root, _ = ilsvrc
+    r = bench.bench_imagenet(str(root / "out"), images=6, size=16, workers=0)
+    assert r["images"] == 6 and r["images_per_s_per_worker"] > 0
+    assert r["workers_for_target"] == -(-bench.TARGET // r["images_per_s_per_worker"])
+    bench.main(["imagenet", "--data_dir", str(root / "out"), "--images", "4", "--size", "16"])
+    assert "images/s per worker" in capsys.readouterr().out

@@ -163,7 +163,8 @@ def train_example(image_bytes, rng, size, scale, ratio, interpolation, hflip):
         image.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
     fx, fy = image.size[0] / width, image.size[1] / height
     cubic = rng.random() < 0.5 if interpolation == "random" else interpolation == "bicubic"
-    out = image.convert("RGB").resize((size, size), Image.BICUBIC if cubic else Image.BILINEAR,
+    image = image if image.mode == "RGB" else image.convert("RGB")   # (convert copies even an RGB image)
+    out = image.resize((size, size), Image.BICUBIC if cubic else Image.BILINEAR,
                                       box=(left * fx, top * fy, (left + w) * fx, (top + h) * fy))
     if rng.random() < hflip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
