@@ -25,6 +25,13 @@ def base_config():
     c.data = ml_collections.ConfigDict(dict(
         name="digits", data_dir="", image_size=32, batch_size=64, eval_batch_size=128,
         test_fraction=0.2, labelled_fraction=1.0, split_seed=0,
+        # tfds:<name> (rsd_jax/data/tfds_source.py): feature names and splits; "" = the first of test, validation.
+        image_key="image", label_key="label", train_split="train", test_split="",
+        # Per-channel normalisation (0..1 scale) for tfds:/folder: datasets; () = computed from the training split.
+        mean=(), std=(),
+        # imagenet2012 (rsd_jax/data/imagenet.py): host decoding worker processes (0 = in the training process), and
+        # the eval side the host resizes to (0 = floor(image_size / (augment.crop_pct or 0.875))).
+        workers=8, host_image_size=0,
         # On-device augmentation: the reference's CNN recipe by default (rsd_jax/data/augment.py).
         augment=augment.default_config(),
     ))

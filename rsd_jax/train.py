@@ -275,12 +275,13 @@ def _statistics_groups(config, num_train):
 
 def _batch_transform(config, dataset, num_groups, replicated):
     size = config.data.image_size
-    if augment.mixing(config.data.augment):   # mixup/cutmix within each statistics group, as the reference mixes each GPU's batch
+    device_augment = augment.on_device(config.data.augment, dataset.host_augment)
+    if augment.mixing(device_augment):   # mixup/cutmix within each statistics group, as the reference mixes each GPU's batch
         return augment.train_batch_transform(
-            config.data.augment, dataset.mean, dataset.std, dataset.num_classes, config.distill.label_smoothing,
+            device_augment, dataset.mean, dataset.std, dataset.num_classes, config.distill.label_smoothing,
             size=size, group_size=config.data.batch_size // num_groups,
             pin=lambda draws: jax.lax.with_sharding_constraint(draws, replicated))
-    image_transform = augment.train_transform(config.data.augment, dataset.mean, dataset.std, size=size)
+    image_transform = augment.train_transform(device_augment, dataset.mean, dataset.std, size=size)
     return lambda images, labels, rng: (image_transform(images, rng), labels)
 
 
