@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rsd_jax import checkpoint, data, distillers, evaluation, models, optim, reliability, run_models, sharding
+from rsd_jax import (checkpoint, cli, data, distillers, evaluation, models, optim, provenance, reliability, run_models,
+                     sharding)
 from rsd_jax.config import check_counts, compute_dtype
 from rsd_jax.data import augment
 from rsd_jax.errors import UserError
@@ -345,11 +346,16 @@ def train_and_evaluate(config, workdir):
     when it stopped early (stop_after_epoch, SIGTERM/SIGINT) with a checkpoint to resume from."""
     check_workdir(workdir)
     with WorkdirLock(workdir):     # one run per workdir, refused before anything compiles
-        return _train_and_evaluate(config, workdir)
+        run = build_run(config)    # a bad config is refused before log.txt or env.json is written
+        primary = jax.process_index() == 0
+        with cli.log_file(workdir, primary), provenance.recorded(workdir, primary) as session:
+            results = _train_and_evaluate(run, workdir)
+            session.outcome = "stopped" if results is None else "finished"
+            return results
 
 
-def _train_and_evaluate(config, workdir):
-    run = build_run(config)
+def _train_and_evaluate(run, workdir):
+    config = run.config
     n_student, n_extra = (sum(x.size for x in jax.tree_util.tree_leaves(run.abstract_state.params[k]))
                           for k in ("student", "extra"))
     log.info("student %s: %.2fM parameters; %s extra: %.2fM", config.student.model, n_student / 1e6,
