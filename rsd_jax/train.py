@@ -7,9 +7,12 @@
 * `train_and_evaluate(config, workdir)`: resumes, runs the loop (log, evaluate, checkpoint and stop as the
   `Schedule` says) and writes the results.
 """
+import contextlib
 import dataclasses
+import datetime
 import functools
 import logging
+import sys
 import time
 from typing import Any, Callable
 
@@ -397,10 +400,18 @@ def _loop(run, state, ckpts, rundir, best_top1):
     sync_each_step = sharding.sync_each_step(run.mesh)
     start = int(state.step)
     tally, saved, last_eval = Tally.start(), start, None
-    progress, signals = _Progress(config, run.total_steps, start), reliability.StopSignals()
+    progress = _Progress(config, run.total_steps, start, run.steps_per_epoch)
+    signals = reliability.StopSignals()
     try:
         for step in range(start, run.total_steps):
+            if step == start:
+                log.info("compiling the training step ...")
+                compile_started = time.time()
             state, metrics = step_fn(state, run.teacher_vars, run.train_batch(step))
+            if step == start:
+                jax.block_until_ready(state)
+                log.info("compiling the training step ... done in %.1f s (its first step included)",
+                         time.time() - compile_started)
             tally = tally.add(metrics, step, watch_nonfinite=not skip)
             done = step + 1
             at_log = schedule.itstime(done, every_steps=config.log_every_steps)
@@ -408,7 +419,7 @@ def _loop(run, state, ckpts, rundir, best_top1):
                 jax.block_until_ready(state)
             if sync_each_step or at_log or schedule.epoch_end(done):
                 tally.raise_if_nonfinite(ckpts)
-            progress.step(metrics if at_log else None, tally, config.data.batch_size)
+            progress.step(done, jax.device_get(metrics) if at_log else None)
             record = {}
             if schedule.epoch_end(done):
                 evaluated = schedule.itstime(done, every_epochs=config.eval_every_epochs)
@@ -443,30 +454,49 @@ def _loop(run, state, ckpts, rundir, best_top1):
 
 
 class _Progress:
-    """The tqdm bar of process 0 (when `progress_bar`), else epoch lines in the log."""
+    """Process 0's progress: a tqdm bar when `progress_bar` and stderr is a terminal; elsewhere (nohup, a batch job,
+    a file) one plain log line every `log_every_steps`, so that log files get no carriage returns. Log messages go
+    through the bar while it is shown, so that they do not break it."""
 
-    def __init__(self, config, total_steps, start_step):
-        self.bar = None
-        if config.progress_bar and jax.process_index() == 0:
+    def __init__(self, config, total_steps, start_step, steps_per_epoch):
+        self.total, self.steps_per_epoch, self.batch_size = total_steps, steps_per_epoch, config.data.batch_size
+        self.primary = jax.process_index() == 0
+        self.last = self.origin = None       # (step, time) of the last log step, and of the session's first step
+        self.bar, self.redirect = None, contextlib.nullcontext()
+        if config.progress_bar and self.primary and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+            self.redirect = logging_redirect_tqdm([log])
+        self.redirect.__enter__()
 
-    def step(self, metrics, tally, batch_size):
-        if self.bar is None:
-            return
-        if metrics is not None:
-            m = jax.device_get(metrics)
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
-                                 img_s=f"{tally.steps * batch_size / (time.time() - tally.started):.1f}")
-        self.bar.update(1)
+    def step(self, done, metrics):
+        """After step `done` (counted from 1); `metrics` (on the host) at log steps, else None. Returns the images/s
+        since the previous log step (None between log steps)."""
+        now = time.time()
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.origin is None:      # the session's first step, compilation included: not a rate
+            self.last = self.origin = (done, now)
+        if metrics is None or done == self.last[0]:
+            return None
+        images_per_s = (done - self.last[0]) * self.batch_size / (now - self.last[1])
+        self.last = (done, now)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{images_per_s:.1f}")
+        elif self.primary:
+            eta = (self.total - done) * (now - self.origin[1]) / (done - self.origin[0])
+            log.info("step %d/%d | epoch %d | loss %.4f | lr %.2e | %.1f img/s | ETA %s", done, self.total,
+                     (done - 1) // self.steps_per_epoch + 1, metrics["loss"], metrics["lr"], images_per_s,
+                     datetime.timedelta(seconds=round(eta)))
+        return images_per_s
 
     def write(self, line):
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
+        if self.primary:
             log.info(line)
 
     def close(self):
+        self.redirect.__exit__(None, None, None)
         if self.bar is not None:
             self.bar.close()
 
