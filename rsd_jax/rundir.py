@@ -106,6 +106,22 @@ def read_run_config(config_path):
     return config
 
 
+def read_metrics(path):
+    """The records of a metrics.jsonl (dicts with an integer `step`), skipping a cut-off or foreign line; [] if
+    there is no such file."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
+    return records
+
+
 def _flat(tree, prefix=""):
     if not isinstance(tree, dict):
         return {prefix[:-1]: tree}
@@ -152,16 +168,11 @@ class RunDir:
         again."""
         if not self.primary or not os.path.exists(self.metrics_path):
             return
-        kept = []
-        with open(self.metrics_path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                    kept.append(json.dumps(record) + "\n")
+        kept = [json.dumps(r) + "\n" for r in read_metrics(self.metrics_path) if r["step"] <= step]
         write_atomic(self.metrics_path, "".join(kept))
+
+    def records(self):
+        return read_metrics(self.metrics_path)
 
     def append_metrics(self, record):
         if self.primary:

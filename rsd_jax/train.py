@@ -320,14 +320,16 @@ class Tally:
         reliability.raise_if_nonfinite(self.first_bad, kept_step)
 
 
-def epoch_record(run, tally, step, test_metrics):
+def epoch_record(run, tally, step, test_metrics, elapsed_s):
     """The metrics.jsonl line of the epoch ending at `step`: the mean training metrics (after a mid-epoch resume,
-    of the steps run since: `train_steps`), images/s, and `test_metrics` if the epoch was evaluated."""
+    of the steps run since: `train_steps`), images/s, and `test_metrics` if the epoch was evaluated; `time` (UTC,
+    ISO 8601) and `elapsed_s`, the run's training wall time so far (summed over its sessions)."""
     sums = jax.device_get(tally.sums)
     skipped = int(sums.pop("skipped", 0))
     means = {f"train_{k}": float(v) / max(tally.steps - skipped, 1) for k, v in sums.items()}
     record = {"epoch": step // run.steps_per_epoch, "step": step, **means, "train_steps": tally.steps,
-              "images_per_s": tally.steps * run.config.data.batch_size / (time.time() - tally.started)}
+              "images_per_s": tally.steps * run.config.data.batch_size / (time.time() - tally.started),
+              "time": provenance.utc_now(), "elapsed_s": round(elapsed_s, 3)}
     if "skipped" in tally.sums:
         record["skipped_steps"] = skipped
         if skipped:
@@ -375,9 +377,11 @@ def _train_and_evaluate(run, workdir):
     else:
         log.info("resumed from step %d", int(state.step))
     rundir.truncate_metrics(int(state.step))
+    kept = rundir.records()
     best = ckpts.best_metrics()
 
-    state, last_eval = _loop(run, state, ckpts, rundir, best["top1"] if best else -1.0)
+    state, last_eval = _loop(run, state, ckpts, rundir, best["top1"] if best else -1.0,
+                             elapsed_before=kept[-1].get("elapsed_s", 0.0) if kept else 0.0)
     if state is None:
         return None
     if last_eval is None:     # resumed after the last step
@@ -391,9 +395,10 @@ def _train_and_evaluate(run, workdir):
     return results
 
 
-def _loop(run, state, ckpts, rundir, best_top1):
+def _loop(run, state, ckpts, rundir, best_top1, elapsed_before):
     """Train from `state` to the end: (final state, the last evaluation), or (None, None) after a checkpoint when
-    asked to stop early."""
+    asked to stop early. `elapsed_before`: the training wall time of the sessions before this one."""
+    session_started = time.time()
     config, schedule = run.config, Schedule(run.steps_per_epoch, run.total_steps)
     skip = config.get("skip_nonfinite_steps")
     step_fn = reliability.skip_nonfinite(run.train_step, run.abstract_state) if skip else run.train_step
@@ -424,7 +429,8 @@ def _loop(run, state, ckpts, rundir, best_top1):
             if schedule.epoch_end(done):
                 evaluated = schedule.itstime(done, every_epochs=config.eval_every_epochs)
                 last_eval = run.evaluate(state) if evaluated else last_eval
-                record = epoch_record(run, tally, done, last_eval if evaluated else None)
+                record = epoch_record(run, tally, done, last_eval if evaluated else None,
+                                      elapsed_before + time.time() - session_started)
                 rundir.append_metrics(record)      # before its checkpoint: a resume drops lines past its step
                 tally = Tally.start(tally.first_bad)
             # checkpoint_every_steps between epoch ends, checkpoint_every_epochs at them (and the last step)
