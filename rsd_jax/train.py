@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import functools
 import logging
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from rsd_jax import (checkpoint, cli, data, distillers, evaluation, models, optim, provenance, reliability, run_models,
-                     sharding)
+                     sharding, tensorboard)
 from rsd_jax.config import check_counts, compute_dtype
 from rsd_jax.data import augment
 from rsd_jax.errors import UserError
@@ -380,8 +381,10 @@ def _train_and_evaluate(run, workdir):
     kept = rundir.records()
     best = ckpts.best_metrics()
 
-    state, last_eval = _loop(run, state, ckpts, rundir, best["top1"] if best else -1.0,
-                             elapsed_before=kept[-1].get("elapsed_s", 0.0) if kept else 0.0)
+    with tensorboard.EventWriter(os.path.join(workdir, "tb"), keep_until=int(state.step),
+                                 primary=jax.process_index() == 0) as board:
+        state, last_eval = _loop(run, state, ckpts, rundir, best["top1"] if best else -1.0,
+                                 elapsed_before=kept[-1].get("elapsed_s", 0.0) if kept else 0.0, board=board)
     if state is None:
         return None
     if last_eval is None:     # resumed after the last step
@@ -395,9 +398,10 @@ def _train_and_evaluate(run, workdir):
     return results
 
 
-def _loop(run, state, ckpts, rundir, best_top1, elapsed_before):
+def _loop(run, state, ckpts, rundir, best_top1, elapsed_before, board):
     """Train from `state` to the end: (final state, the last evaluation), or (None, None) after a checkpoint when
-    asked to stop early. `elapsed_before`: the training wall time of the sessions before this one."""
+    asked to stop early. `elapsed_before`: the training wall time of the sessions before this one; `board`: the
+    TensorBoard writer (the step's metrics at log steps, each metrics.jsonl record at its step)."""
     session_started = time.time()
     config, schedule = run.config, Schedule(run.steps_per_epoch, run.total_steps)
     skip = config.get("skip_nonfinite_steps")
@@ -424,7 +428,11 @@ def _loop(run, state, ckpts, rundir, best_top1, elapsed_before):
                 jax.block_until_ready(state)
             if sync_each_step or at_log or schedule.epoch_end(done):
                 tally.raise_if_nonfinite(ckpts)
-            progress.step(done, jax.device_get(metrics) if at_log else None)
+            logged = jax.device_get(metrics) if at_log else None
+            images_per_s = progress.step(done, logged)
+            if logged is not None:
+                board.scalars(done, {f"train/{k}": v for k, v in dict(logged, images_per_s=images_per_s).items()
+                                     if v is not None})
             record = {}
             if schedule.epoch_end(done):
                 evaluated = schedule.itstime(done, every_epochs=config.eval_every_epochs)
@@ -432,6 +440,7 @@ def _loop(run, state, ckpts, rundir, best_top1, elapsed_before):
                 record = epoch_record(run, tally, done, last_eval if evaluated else None,
                                       elapsed_before + time.time() - session_started)
                 rundir.append_metrics(record)      # before its checkpoint: a resume drops lines past its step
+                board.scalars(done, tensorboard.epoch_scalars(record))
                 tally = Tally.start(tally.first_bad)
             # checkpoint_every_steps between epoch ends, checkpoint_every_epochs at them (and the last step)
             if schedule.itstime(done, every_steps=0 if schedule.epoch_end(done) else config.checkpoint_every_steps,
