@@ -184,6 +184,17 @@ class Run:
                                  jax.process_index(), jax.process_count())
         return sharding.to_global(batch, self.mesh, local=True)
 
+    def evaluate_teacher(self):
+        """Test metrics of the teacher with the student's eval transform (its resolution and resize), the images the
+        student is evaluated on."""
+        eval_step = evaluation.make_eval_step(self.parts.teacher, evaluation.eval_transform_for(self.config,
+                                                                                                self.dataset),
+                                              out_shardings=sharding.replicated(self.mesh))
+        model_state = dict(self.teacher_vars)
+        params = model_state.pop("params")
+        return evaluation.evaluate_split(eval_step, params, model_state, self.dataset.test,
+                                         self.config.data.eval_batch_size, self.mesh)
+
     def evaluate(self, state):
         """Test metrics of the student, and of its EMA (keys prefixed `ema_`) when EMA is on."""
         split, batch_size = self.dataset.test, self.config.data.eval_batch_size
@@ -381,16 +392,19 @@ def _train_and_evaluate(run, workdir):
     kept = rundir.records()
     best = ckpts.best_metrics()
 
+    teacher = _teacher_metrics(run, kept)
     with tensorboard.EventWriter(os.path.join(workdir, "tb"), keep_until=int(state.step),
                                  primary=jax.process_index() == 0) as board:
         state, last_eval = _loop(run, state, ckpts, rundir, best["top1"] if best else -1.0,
-                                 elapsed_before=kept[-1].get("elapsed_s", 0.0) if kept else 0.0, board=board)
+                                 elapsed_before=kept[-1].get("elapsed_s", 0.0) if kept else 0.0, board=board,
+                                 first_record={} if kept else teacher)
     if state is None:
         return None
     if last_eval is None:     # resumed after the last step
         last_eval = run.evaluate(state)
     best = ckpts.best_metrics()
-    results = dict(last_eval, best_top1=best["top1"] if best else last_eval["top1"], steps=int(state.step))
+    results = dict(last_eval, best_top1=best["top1"] if best else last_eval["top1"], steps=int(state.step),
+                   **{k: v for k, v in teacher.items() if k != "teacher_loss"})
     exports = {"student": (state.params["student"], state.model_state["student"])}
     if state.ema is not None:
         exports["student_ema"] = (state.ema["params"], state.ema["model_state"])
@@ -398,10 +412,27 @@ def _train_and_evaluate(run, workdir):
     return results
 
 
-def _loop(run, state, ckpts, rundir, best_top1, elapsed_before, board):
+def _teacher_metrics(run, records):
+    """{"teacher_top1", "teacher_top5", "teacher_loss"} of the run's teacher ({} without one): from the first
+    metrics.jsonl record, which holds them once written, else evaluated now (before training; logged)."""
+    if run.parts.teacher is None:
+        return {}
+    if records and "teacher_top1" in records[0]:
+        return {k: records[0][k] for k in ("teacher_top1", "teacher_top5", "teacher_loss") if k in records[0]}
+    log.info("evaluating the teacher ...")
+    started = time.time()
+    metrics = {f"teacher_{k}": v for k, v in run.evaluate_teacher().items()}
+    log.info("teacher %s: top1 %.2f | top5 %.2f | loss %.4f (%s test split at the student's eval transform, %.1f s)",
+             run.config.teacher.model, metrics["teacher_top1"], metrics["teacher_top5"], metrics["teacher_loss"],
+             run.config.data.name, time.time() - started)
+    return metrics
+
+
+def _loop(run, state, ckpts, rundir, best_top1, elapsed_before, board, first_record):
     """Train from `state` to the end: (final state, the last evaluation), or (None, None) after a checkpoint when
     asked to stop early. `elapsed_before`: the training wall time of the sessions before this one; `board`: the
-    TensorBoard writer (the step's metrics at log steps, each metrics.jsonl record at its step)."""
+    TensorBoard writer (the step's metrics at log steps, each metrics.jsonl record at its step); `first_record`:
+    fields for the next record written (the teacher's evaluation, in the run's first record)."""
     session_started = time.time()
     config, schedule = run.config, Schedule(run.steps_per_epoch, run.total_steps)
     skip = config.get("skip_nonfinite_steps")
@@ -439,6 +470,7 @@ def _loop(run, state, ckpts, rundir, best_top1, elapsed_before, board):
                 last_eval = run.evaluate(state) if evaluated else last_eval
                 record = epoch_record(run, tally, done, last_eval if evaluated else None,
                                       elapsed_before + time.time() - session_started)
+                record, first_record = dict(record, **first_record), {}
                 rundir.append_metrics(record)      # before its checkpoint: a resume drops lines past its step
                 board.scalars(done, tensorboard.epoch_scalars(record))
                 tally = Tally.start(tally.first_bad)
