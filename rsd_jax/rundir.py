@@ -122,10 +122,11 @@ def read_metrics(path):
     return records
 
 
-def _flat(tree, prefix=""):
+def flat(tree, prefix=""):
+    """A nested config dict as {"a.b": value}."""
     if not isinstance(tree, dict):
         return {prefix[:-1]: tree}
-    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
 
 def check_resume_config(config_path, config):
@@ -134,7 +135,7 @@ def check_resume_config(config_path, config):
     (options added or removed by another version) are not compared."""
     if not os.path.exists(config_path):
         return []     # written by a version that kept no config.json
-    stored, given = _flat(read_run_config(config_path)), _flat(config)
+    stored, given = flat(read_run_config(config_path)), flat(config)
     differ = sorted(k for k in set(stored) & set(given) if stored[k] != given[k])
     refused = [k for k in differ if k not in RESUMABLE_KEYS]
     if refused:
