@@ -73,7 +73,7 @@ def evaluate_workdir(workdir, which="latest", ema=False, data_dir=""):
     eval_step = evaluation.make_eval_step(student, evaluation.eval_transform_for(config, dataset))
     result = evaluation.evaluate_split(eval_step, jax.device_put(params, sharding.replicated(mesh)),
                                        jax.device_put(stats, sharding.replicated(mesh)), dataset.test,
-                                       config.data.eval_batch_size, mesh)
+                                       config.data.eval_batch_size, mesh, desc="eval")
     crop_pct, interpolation = augment.eval_config(config.data.augment, config.student.model)
     return dict(result, step=int(state["step"]), crop_pct=crop_pct, interpolation=interpolation,
                 parameters=_parameter_count(params))
@@ -99,7 +99,7 @@ def evaluate_model(directory, dataset="cifar100", data_dir="", batch_size=128):
     eval_step = evaluation.make_eval_step(model, transform)
     variables = jax.device_put(dict(variables), sharding.replicated(mesh))
     params = variables.pop("params")
-    result = evaluation.evaluate_split(eval_step, params, variables, dataset.test, batch_size, mesh)
+    result = evaluation.evaluate_split(eval_step, params, variables, dataset.test, batch_size, mesh, desc="eval")
     crop_pct, interpolation = augment.eval_config(data_config.augment, model_name)
     return dict(result, step=None, crop_pct=crop_pct, interpolation=interpolation,
                 parameters=_parameter_count(params))

@@ -193,16 +193,18 @@ class Run:
         model_state = dict(self.teacher_vars)
         params = model_state.pop("params")
         return evaluation.evaluate_split(eval_step, params, model_state, self.dataset.test,
-                                         self.config.data.eval_batch_size, self.mesh)
+                                         self.config.data.eval_batch_size, self.mesh,
+                                         desc="teacher" if self.config.progress_bar else None)
 
     def evaluate(self, state):
         """Test metrics of the student, and of its EMA (keys prefixed `ema_`) when EMA is on."""
         split, batch_size = self.dataset.test, self.config.data.eval_batch_size
         out = evaluation.evaluate_split(self.eval_step, state.params["student"], state.model_state["student"], split,
-                                        batch_size, self.mesh)
+                                        batch_size, self.mesh, desc="eval" if self.config.progress_bar else None)
         if state.ema is not None:
             ema = evaluation.evaluate_split(self.eval_step, state.ema["params"], state.ema["model_state"], split,
-                                            batch_size, self.mesh)
+                                            batch_size, self.mesh,
+                                            desc="eval (EMA)" if self.config.progress_bar else None)
             out.update({f"ema_{k}": v for k, v in ema.items()})
         return out
 
