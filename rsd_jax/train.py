@@ -366,6 +366,7 @@ def train_and_evaluate(config, workdir):
     check_workdir(workdir)
     with WorkdirLock(workdir):     # one run per workdir, refused before anything compiles
         run = build_run(config)    # a bad config is refused before log.txt or env.json is written
+        reliability.check_free_space(workdir, run.abstract_state)    # so is a full disk, before anything compiles
         primary = jax.process_index() == 0
         with cli.log_file(workdir, primary), provenance.recorded(workdir, primary) as session:
             results = _train_and_evaluate(run, workdir)
@@ -379,7 +380,6 @@ def _train_and_evaluate(run, workdir):
                           for k in ("student", "extra"))
     log.info("student %s: %.2fM parameters; %s extra: %.2fM", config.student.model, n_student / 1e6,
              config.distill.method, n_extra / 1e6)
-    reliability.check_free_space(workdir, run.abstract_state)    # before anything compiles
     rundir = RunDir(workdir, primary=jax.process_index() == 0)   # only process 0 writes files but checkpoints
     ckpts = checkpoint.RunCheckpoints(workdir)
     changed = rundir.start(config, resuming=ckpts.latest_step() is not None)
