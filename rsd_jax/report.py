@@ -11,7 +11,7 @@ demo, each `students/<i>/` of a multi-student run), groups them by their config 
   progress (no results.json yet) is reported from its metrics.jsonl so far, marked "running", and a group's means are
   over its finished runs when it has any.
 * curves.png: per group (a row), the training loss terms, the eval top-1 and the lr against epoch, one colour per run.
-* comparison.png: the final top-1 of each group, a bar at the mean, the std as an error bar and each run as a dot.
+* comparison.png: the final top-1 of each group: each run as a dot, the mean as a diamond with the std as error bar.
 
 The plots need matplotlib (`pip install 'rsd_jax[report]'`); the tables do not.
 """
@@ -305,6 +305,8 @@ def plot_curves(plt, groups, path):
 
 
 def plot_comparison(plt, groups, path):
+    """A row per group: a dot per run, the mean as a diamond with the std as an error bar (no bars from 0, so that
+    close numbers stay apart)."""
     fig = _figure(plt, comparison_size(len(groups)))
     ax = fig.subplots()
     for y, g in enumerate(groups):
@@ -312,16 +314,15 @@ def plot_comparison(plt, groups, path):
         if not values:
             continue
         mean, std = statistics.fmean(values), statistics.pstdev(values)
-        ax.barh(y, mean, color="C0", alpha=0.35, height=0.6)
-        ax.errorbar(mean, y, xerr=std, color="black", capsize=4)
-        ax.plot(values, [y] * len(values), "o", color="C3", markersize=4)
-        ax.text(mean, y + 0.38, f"{mean:.2f} +- {std:.2f} ({len(values)} run{'s' * (len(values) > 1)})",
-                fontsize=8, ha="center", va="bottom")
+        ax.plot(values, [y] * len(values), "o", color="C3", markersize=5, alpha=0.8, zorder=3)
+        ax.errorbar(mean, y, xerr=std, fmt="D", color="black", markersize=5, capsize=5)
+        ax.annotate(f"{mean:.2f} +- {std:.2f} ({len(values)} run{'s' * (len(values) > 1)})", (mean, y),
+                    xytext=(0, 7), textcoords="offset points", fontsize=8, ha="center", va="bottom")
     ax.set_yticks(range(len(groups)), [g.label + ("" if g.status.endswith("done") else " (running)")
                                        for g in groups], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_ylim(len(groups) - 0.4, -0.8)
-    ax.set_xlabel("final top-1 (%): bar at the mean, error bar the std, dots the runs")
+    ax.set_ylim(len(groups) - 0.5, -0.7)
+    ax.margins(x=0.15)
+    ax.set_xlabel("final top-1 (%): a dot per run, the mean (diamond) +- std")
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
     plt.close(fig)
