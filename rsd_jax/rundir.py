@@ -109,10 +109,27 @@ def read_run_config(config_path):
     return config
 
 
-def _flat(tree, prefix=""):
+def read_metrics(path):
+    """The records of a metrics.jsonl (dicts with an integer `step`), skipping a cut-off or foreign line; [] if
+    there is no such file."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
+    return records
+
+
+def flat(tree, prefix=""):
+    """A nested config dict as {"a.b": value}."""
     if not isinstance(tree, dict):
         return {prefix[:-1]: tree}
-    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
 
 def check_resume_config(config_path, config):
@@ -121,7 +138,7 @@ def check_resume_config(config_path, config):
     (options added or removed by another version) are not compared."""
     if not os.path.exists(config_path):
         return []     # written by a version that kept no config.json
-    stored, given = _flat(read_run_config(config_path)), _flat(config)
+    stored, given = flat(read_run_config(config_path)), flat(config)
     differ = sorted(k for k in set(stored) & set(given) if stored[k] != given[k])
     refused = [k for k in differ if k not in RESUMABLE_KEYS]
     if refused:
@@ -153,21 +170,6 @@ class RunDir:
                              json.dumps({"index": index, "students": count, "run": "../.."}))
         return changed
 
-    def records(self):
-        """The metrics.jsonl records so far (an unreadable line skipped)."""
-        if not os.path.exists(self.metrics_path):
-            return []
-        out = []
-        with open(self.metrics_path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("step"), int):
-                    out.append(record)
-        return out
-
     def best_top1(self, default):
         """The highest evaluated top-1 in metrics.jsonl (`default` when none is there, e.g. on a process that
         does not write it)."""
@@ -179,7 +181,11 @@ class RunDir:
         again."""
         if not self.primary or not os.path.exists(self.metrics_path):
             return
-        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records() if r["step"] <= step))
+        kept = [json.dumps(r) + "\n" for r in read_metrics(self.metrics_path) if r["step"] <= step]
+        write_atomic(self.metrics_path, "".join(kept))
+
+    def records(self):
+        return read_metrics(self.metrics_path)
 
     def append_metrics(self, record):
         if self.primary:

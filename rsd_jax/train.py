@@ -7,10 +7,13 @@
 * `train_and_evaluate(config, workdir)`: resumes, runs the loop (log, evaluate, checkpoint and stop as the
   `Schedule` says) and writes the results.
 """
+import contextlib
 import dataclasses
+import datetime
 import functools
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -19,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rsd_jax import (checkpoint, data, distillers, evaluation, models, optim, reliability, run_models, sharding,
-                     students)
+from rsd_jax import (checkpoint, cli, data, distillers, evaluation, models, optim, provenance, reliability, run_models,
+                     sharding, students, tensorboard)
 from rsd_jax.config import check_counts, compute_dtype
 from rsd_jax.data import augment
 from rsd_jax.errors import UserError
@@ -245,14 +248,27 @@ class Run:
                                  jax.process_index(), jax.process_count())
         return dict(sharding.to_global(batch, self.mesh, local=True), data_rng=self.data_rng)
 
+    def evaluate_teacher(self):
+        """Test metrics of the teacher with the student's eval transform (its resolution and resize), the images the
+        student is evaluated on."""
+        eval_step = evaluation.make_eval_step(self.parts.teacher, evaluation.eval_transform_for(self.config,
+                                                                                                self.dataset),
+                                              out_shardings=sharding.replicated(self.mesh))
+        model_state = dict(self.teacher_vars)
+        params = model_state.pop("params")
+        return evaluation.evaluate_split(eval_step, params, model_state, self.dataset.test,
+                                         self.config.data.eval_batch_size, self.mesh,
+                                         desc="teacher" if self.config.progress_bar else None)
+
     def evaluate(self, state):
         """Test metrics of the student, and of its EMA (keys prefixed `ema_`) when EMA is on (of one member)."""
         split, batch_size = self.dataset.test, self.config.data.eval_batch_size
         out = evaluation.evaluate_split(self.eval_step, state.params["student"], state.model_state["student"], split,
-                                        batch_size, self.mesh)
+                                        batch_size, self.mesh, desc="eval" if self.config.progress_bar else None)
         if state.ema is not None:
             ema = evaluation.evaluate_split(self.eval_step, state.ema["params"], state.ema["model_state"], split,
-                                            batch_size, self.mesh)
+                                            batch_size, self.mesh,
+                                            desc="eval (EMA)" if self.config.progress_bar else None)
             out.update({f"ema_{k}": v for k, v in ema.items()})
         return out
 
@@ -412,10 +428,11 @@ class Tally:
         reliability.raise_if_nonfinite(self.first_bad, kept_step)
 
 
-def epoch_records(run, tally, step, evals):
+def epoch_records(run, tally, step, evals, elapsed_s):
     """The metrics.jsonl line of each member for the epoch ending at `step`: the mean training metrics (after a
     mid-epoch resume, of the steps run since: `train_steps`), images/s (of the step: images through it per
-    second), and the member's test metrics from `evals` (a list, or None if the epoch was not evaluated)."""
+    second), the member's test metrics from `evals` (a list, or None if the epoch was not evaluated), `time` (UTC,
+    ISO 8601) and `elapsed_s`, the run's training wall time so far (summed over its sessions)."""
     sums = jax.device_get(tally.sums)
     images_per_s = tally.steps * run.config.data.batch_size / (time.time() - tally.started)
     records = []
@@ -424,7 +441,7 @@ def epoch_records(run, tally, step, evals):
         skipped = int(mine.pop("skipped", 0))
         means = {f"train_{k}": float(v) / max(tally.steps - skipped, 1) for k, v in mine.items()}
         record = {"epoch": step // run.steps_per_epoch, "step": step, **means, "train_steps": tally.steps,
-                  "images_per_s": images_per_s}
+                  "images_per_s": images_per_s, "time": provenance.utc_now(), "elapsed_s": round(elapsed_s, 3)}
         if "skipped" in sums:
             record["skipped_steps"] = skipped
             if skipped:
@@ -449,7 +466,13 @@ def train_and_evaluate(config, workdir):
     students returns the summary of `students.summary`."""
     check_workdir(workdir)
     with WorkdirLock(workdir):     # one run per workdir, refused before anything compiles
-        return _train_and_evaluate(config, workdir)
+        run = build_run(config)    # a bad config is refused before log.txt or env.json is written
+        reliability.check_free_space(workdir, run.abstract_state)    # so is a full disk, before anything compiles
+        primary = jax.process_index() == 0
+        with cli.log_file(workdir, primary), provenance.recorded(workdir, primary) as session:
+            results = _train_and_evaluate(run, workdir)
+            session.outcome = "stopped" if results is None else "finished"
+            return results
 
 
 def member_dirs(run, workdir):
@@ -461,14 +484,13 @@ def member_dirs(run, workdir):
             for i in range(run.num_members)]
 
 
-def _train_and_evaluate(config, workdir):
-    run = build_run(config)
+def _train_and_evaluate(run, workdir):
+    config = run.config
     n_student, n_extra = (sum(x.size for x in jax.tree_util.tree_leaves(run.abstract_state.params[k]))
                           // run.num_members for k in ("student", "extra"))
     log.info("student %s: %.2fM parameters; %s extra: %.2fM%s", config.student.model, n_student / 1e6,
              config.distill.method, n_extra / 1e6,
              f"; {run.num_members} students in one step" if run.num_members > 1 else "")
-    reliability.check_free_space(workdir, run.abstract_state)    # before anything compiles
     if run.num_members > 1:
         compiled = students.compile_if_fits(run)      # before anything is written
         if not config.get("skip_nonfinite_steps"):    # (that wraps the step in a jit of its own)
@@ -490,9 +512,18 @@ def _train_and_evaluate(config, workdir):
         log.info("resumed from step %d", int(state.step))
     for d in dirs:
         d.truncate_metrics(int(state.step))
+    kept = dirs[0].records()
     best = ckpts.best_metrics()
 
-    state, last_evals = _loop(run, state, ckpts, dirs, best["top1"] if best else -1.0)
+    teacher = _teacher_metrics(run, kept)
+    # TensorBoard: one run per student directory (TensorBoard lists the sub-directories of --logdir as runs)
+    with contextlib.ExitStack() as boards:
+        writers = [boards.enter_context(tensorboard.EventWriter(os.path.join(d.workdir, "tb"),
+                                                                keep_until=int(state.step), primary=d.primary))
+                   for d in dirs]
+        state, last_evals = _loop(run, state, ckpts, dirs, best["top1"] if best else -1.0,
+                                  elapsed_before=kept[-1].get("elapsed_s", 0.0) if kept else 0.0, boards=writers,
+                                  first_record={} if kept else teacher)
     if state is None:
         return None
     if last_evals is None:     # resumed after the last step
@@ -504,7 +535,8 @@ def _train_and_evaluate(config, workdir):
             best_top1 = best["top1"] if best else last_eval["top1"]
         else:     # the best checkpoint is the students' best mean; each student's own best is in its metrics
             best_top1 = d.best_top1(default=last_eval["top1"])
-        results.append(dict(last_eval, best_top1=best_top1, steps=int(state.step)))
+        results.append(dict(last_eval, best_top1=best_top1, steps=int(state.step),
+                            **{k: v for k, v in teacher.items() if k != "teacher_loss"}))
         member = run.member_state(state, i)
         exports = {"student": (member.params["student"], member.model_state["student"])}
         if member.ema is not None:
@@ -517,19 +549,47 @@ def _train_and_evaluate(config, workdir):
     return summary
 
 
-def _loop(run, state, ckpts, dirs, best_top1):
+def _teacher_metrics(run, records):
+    """{"teacher_top1", "teacher_top5", "teacher_loss"} of the run's teacher ({} without one): from the first
+    metrics.jsonl record, which holds them once written, else evaluated now (before training; logged)."""
+    if run.parts.teacher is None:
+        return {}
+    if records and "teacher_top1" in records[0]:
+        return {k: records[0][k] for k in ("teacher_top1", "teacher_top5", "teacher_loss") if k in records[0]}
+    log.info("evaluating the teacher ...")
+    started = time.time()
+    metrics = {f"teacher_{k}": v for k, v in run.evaluate_teacher().items()}
+    log.info("teacher %s: top1 %.2f | top5 %.2f | loss %.4f (%s test split at the student's eval transform, %.1f s)",
+             run.config.teacher.model, metrics["teacher_top1"], metrics["teacher_top5"], metrics["teacher_loss"],
+             run.config.data.name, time.time() - started)
+    return metrics
+
+
+def _loop(run, state, ckpts, dirs, best_top1, elapsed_before, boards, first_record):
     """Train from `state` to the end: (final state, the last evaluation of each member), or (None, None) after a
-    checkpoint when asked to stop early."""
+    checkpoint when asked to stop early. `dirs`: each member's RunDir; `elapsed_before`: the training wall time of
+    the sessions before this one; `boards`: each member's TensorBoard writer (the step's metrics at log steps, each
+    metrics.jsonl record at its step); `first_record`: fields for the next records written (the teacher's
+    evaluation, in the run's first record)."""
+    session_started = time.time()
     config, schedule = run.config, Schedule(run.steps_per_epoch, run.total_steps)
     skip = config.get("skip_nonfinite_steps")
     step_fn = reliability.skip_nonfinite(run.train_step, run.abstract_state) if skip else run.train_step
     sync_each_step = sharding.sync_each_step(run.mesh)
     start = int(state.step)
     tally, saved, last_evals = Tally.start(), start, None
-    progress, signals = _Progress(config, run.total_steps, start), reliability.StopSignals()
+    progress = _Progress(config, run.total_steps, start, run.steps_per_epoch)
+    signals = reliability.StopSignals()
     try:
         for step in range(start, run.total_steps):
+            if step == start:
+                log.info("compiling the training step ...")
+                compile_started = time.time()
             state, metrics = step_fn(state, run.teacher_vars, run.train_batch(step))
+            if step == start:
+                jax.block_until_ready(state)
+                log.info("compiling the training step ... done in %.1f s (its first step included)",
+                         time.time() - compile_started)
             tally = tally.add(metrics, step, watch_nonfinite=not skip)
             done = step + 1
             at_log = schedule.itstime(done, every_steps=config.log_every_steps)
@@ -537,15 +597,25 @@ def _loop(run, state, ckpts, dirs, best_top1):
                 jax.block_until_ready(state)
             if sync_each_step or at_log or schedule.epoch_end(done):
                 tally.raise_if_nonfinite(ckpts)
-            shown = metrics if run.num_members == 1 else jax.tree_util.tree_map(jnp.mean, metrics)
-            progress.step(shown if at_log else None, tally, config.data.batch_size)
+            logged = jax.device_get(metrics) if at_log else None
+            shown = logged if logged is None or run.num_members == 1 else \
+                {k: float(np.mean(v)) for k, v in logged.items()}
+            images_per_s = progress.step(done, shown)
+            for i, board in enumerate(boards if logged is not None else ()):
+                mine = logged if run.num_members == 1 else {k: v[i] for k, v in logged.items()}
+                board.scalars(done, {f"train/{k}": v for k, v in dict(mine, images_per_s=images_per_s).items()
+                                     if v is not None})
             records = []
             if schedule.epoch_end(done):
                 evaluated = schedule.itstime(done, every_epochs=config.eval_every_epochs)
                 last_evals = run.evaluate_members(state) if evaluated else last_evals
-                records = epoch_records(run, tally, done, last_evals if evaluated else None)
-                for d, record in zip(dirs, records):     # before its checkpoint: a resume drops lines past its step
-                    d.append_metrics(record)
+                elapsed = elapsed_before + time.time() - session_started
+                records = [dict(r, **first_record)
+                           for r in epoch_records(run, tally, done, last_evals if evaluated else None, elapsed)]
+                first_record = {}
+                for d, board, record in zip(dirs, boards, records):   # before its checkpoint: a resume drops lines
+                    d.append_metrics(record)                           # past its step
+                    board.scalars(done, tensorboard.epoch_scalars(record))
                 tally = Tally.start(tally.first_bad)
             top1 = float(np.mean([r["top1"] for r in records])) if records and "top1" in records[0] else None
             # checkpoint_every_steps between epoch ends, checkpoint_every_epochs at them (and the last step)
@@ -575,30 +645,49 @@ def _loop(run, state, ckpts, dirs, best_top1):
 
 
 class _Progress:
-    """The tqdm bar of process 0 (when `progress_bar`), else epoch lines in the log."""
+    """Process 0's progress: a tqdm bar when `progress_bar` and stderr is a terminal; elsewhere (nohup, a batch job,
+    a file) one plain log line every `log_every_steps`, so that log files get no carriage returns. Log messages go
+    through the bar while it is shown, so that they do not break it."""
 
-    def __init__(self, config, total_steps, start_step):
-        self.bar = None
-        if config.progress_bar and jax.process_index() == 0:
+    def __init__(self, config, total_steps, start_step, steps_per_epoch):
+        self.total, self.steps_per_epoch, self.batch_size = total_steps, steps_per_epoch, config.data.batch_size
+        self.primary = jax.process_index() == 0
+        self.last = self.origin = None       # (step, time) of the last log step, and of the session's first step
+        self.bar, self.redirect = None, contextlib.nullcontext()
+        if config.progress_bar and self.primary and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+            self.redirect = logging_redirect_tqdm([log])
+        self.redirect.__enter__()
 
-    def step(self, metrics, tally, batch_size):
-        if self.bar is None:
-            return
-        if metrics is not None:
-            m = jax.device_get(metrics)
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
-                                 img_s=f"{tally.steps * batch_size / (time.time() - tally.started):.1f}")
-        self.bar.update(1)
+    def step(self, done, metrics):
+        """After step `done` (counted from 1); `metrics` (on the host) at log steps, else None. Returns the images/s
+        since the previous log step (None between log steps)."""
+        now = time.time()
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.origin is None:      # the session's first step, compilation included: not a rate
+            self.last = self.origin = (done, now)
+        if metrics is None or done == self.last[0]:
+            return None
+        images_per_s = (done - self.last[0]) * self.batch_size / (now - self.last[1])
+        self.last = (done, now)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{images_per_s:.1f}")
+        elif self.primary:
+            eta = (self.total - done) * (now - self.origin[1]) / (done - self.origin[0])
+            log.info("step %d/%d | epoch %d | loss %.4f | lr %.2e | %.1f img/s | ETA %s", done, self.total,
+                     (done - 1) // self.steps_per_epoch + 1, metrics["loss"], metrics["lr"], images_per_s,
+                     datetime.timedelta(seconds=round(eta)))
+        return images_per_s
 
     def write(self, line):
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
+        if self.primary:
             log.info(line)
 
     def close(self):
+        self.redirect.__exit__(None, None, None)
         if self.bar is not None:
             self.bar.close()
 

@@ -256,7 +256,9 @@ def test_evaluate_model_directory(tmp_path):
     models.save_model(tmp_path / "m", "resnet18", 100, variables, overrides=overrides)
 
     result = evaluate.evaluate_model(str(tmp_path / "m"), "cifar100", str(tmp_path / "d"), batch_size=16)
-    assert set(result) == {"top1", "top5", "loss"}
+    assert set(result) == {"top1", "top5", "loss", "step", "crop_pct", "interpolation", "parameters"}
+    assert (result["step"], result["crop_pct"], result["interpolation"]) == (None, 0.875, "bilinear")
+    assert result["parameters"] == sum(np.size(x) for x in jax.tree_util.tree_leaves(variables["params"]))
     # The reference's eval transform for resnet18 (crop_pct 0.875, bilinear: 32 -> 36 -> centre 32), not a no-op.
     transform = augment.eval_transform(augment.default_config(), cifar.MEAN, cifar.STD, size=32, model="resnet18")
     images = transform(jnp.asarray(splits["test"][0]))
@@ -277,7 +279,7 @@ def test_evaluate_model_directory(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 1 and json.loads(lines[0]) == pytest.approx(result, rel=1e-4)
+    assert len(lines) == 1 and json.loads(lines[0]) == pytest.approx({k: result[k] for k in ("top1", "top5", "loss")}, rel=1e-4)
 
     r = subprocess.run(cmd[:-5] + ["--data_dir", str(tmp_path / "absent")], capture_output=True, text=True,
                        cwd=REPO, env=env, timeout=300)

@@ -36,10 +36,16 @@ def get_config():
     c.log_every_steps = 3
     return c
 '''
-# Bounds measured on this code: the students of one jit and the single runs differ only by the rounding of
-# differently fused float32 arithmetic (largest parameter difference ~1e-11 after 22 steps).
+# The students of one jit and the single runs differ by the rounding of differently fused float32 arithmetic:
+# equal losses to 7 digits for the first 6 steps, and the parameters 1e-11 apart after 3 steps; this tiny net
+# (gradient norm 20-60 at the warmup LR) amplifies that steadily, to 7e-5 after 21 steps and 4e-4 after 22
+# (measured step by step, student 0; BatchNorm variances then 0.3% apart). So: tight bounds for a few steps (the
+# step-level tests), loose ones for a whole run.
 PARAM_ATOL = 1e-6
 LOSS_RTOL = 1e-6
+RUN_PARAM = dict(rtol=1e-2, atol=2e-3)
+RUN_METRIC_RTOL = 1e-3
+RUN_TOP1_ATOL = 1.0       # percent: 14 of the 1438 test images
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +90,12 @@ def test_each_student_is_the_single_run_of_its_model_seed(config_file, multi, tm
     member = os.path.join(multi, "students", str(k))
     for name in ("student", "student_ema"):
         for a, b in zip(student_leaves(single, name), student_leaves(member, name), strict=True):
-            np.testing.assert_allclose(a, b, rtol=0, atol=PARAM_ATOL)
+            np.testing.assert_allclose(a, b, **RUN_PARAM)
     for a, b in zip(records(single), records(member), strict=True):
         for key in a:
             if key.startswith("train_") and key != "train_steps":
-                np.testing.assert_allclose(a[key], b[key], rtol=LOSS_RTOL, err_msg=key)
-        assert a["top1"] == b["top1"] and a["step"] == b["step"]
+                np.testing.assert_allclose(a[key], b[key], rtol=RUN_METRIC_RTOL, err_msg=key)
+        assert abs(a["top1"] - b["top1"]) <= RUN_TOP1_ATOL and a["step"] == b["step"]
     mine = json.load(open(os.path.join(member, "config.json")))
     theirs = json.load(open(os.path.join(single, "config.json")))
     assert mine == theirs          # the student's directory records the single run's config
@@ -140,6 +146,7 @@ def test_sigkill_and_resume_of_several_students_is_exact(config_file, multi, tmp
 
 # ------------------------------------------------------------------------------------------------ step level
 def one_device_run(config):
+    config.optim.warmup_epochs = 0       # the full LR from the first step: updates that matter
     return train.build_run(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)))
 
 
