@@ -32,20 +32,28 @@ from tiny import tiny_config
 def get_config():
     c = tiny_config("rsd", "random", epochs=2, test_fraction=0.8)   # 11 steps per epoch
     c.ema.decay = 0.9
+    c.optim.lr = 0.005           # a tenth of the tiny config's: rounding grows ~40x less over the run (below)
     c.checkpoint_every_steps = 3
     c.log_every_steps = 3
     return c
 '''
-# The students of one jit and the single runs differ by the rounding of differently fused float32 arithmetic:
-# equal losses to 7 digits for the first 6 steps, and the parameters 1e-11 apart after 3 steps; this tiny net
-# (gradient norm 20-60 at the warmup LR) amplifies that steadily, to 7e-5 after 21 steps and 4e-4 after 22
-# (measured step by step, student 0; BatchNorm variances then 0.3% apart). So: tight bounds for a few steps (the
-# step-level tests), loose ones for a whole run.
+# The students of one jit and the single runs differ by the rounding of differently fused float32 arithmetic,
+# which this tiny net amplifies over a run. Measured step by step (student 2 against its single run): equal losses
+# to 7 digits for 14 steps, parameters 4e-12 apart after 3 steps and 1.2e-7 after 22 with float32 products at
+# full precision ("highest", as the tests run); with XLA's CPU default the growth is faster, 1e-10 after 4 steps
+# to 2.7e-4 after 22 (a BatchNorm mean then 2% apart), so the runs below are given "highest" too. Whole runs in
+# subprocesses still end further apart than those in-process steps: small leaves (BatchNorm shifts of norm 0.02)
+# up to 0.5% apart, the whole student 1.6e-4 of its norm (student 2, the largest measured); hence the run-level
+# test bounds the difference of the whole tree.
 PARAM_ATOL = 1e-6
 LOSS_RTOL = 1e-6
-RUN_PARAM = dict(rtol=1e-2, atol=2e-3)
-RUN_METRIC_RTOL = 1e-3
-RUN_TOP1_ATOL = 1.0       # percent: 14 of the 1438 test images
+RUN_PARAM_RTOL = 1e-3    # of the whole variable tree's norm
+RUN_METRIC_RTOL = 1e-2     # epoch means; the gradient norm is the most sensitive (0.2% apart, student 2)
+RUN_TOP1_ATOL = 0.5      # percent: 7 of the 1438 test images
+
+
+def run_env():
+    return dict(env(), JAX_DEFAULT_MATMUL_PRECISION="highest")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +69,7 @@ def main_args(config_file, workdir, *extra):
 
 
 def run_main(config_file, workdir, *extra):
-    return subprocess.run(main_args(config_file, workdir, *extra), cwd=REPO, env=env(), capture_output=True,
+    return subprocess.run(main_args(config_file, workdir, *extra), cwd=REPO, env=run_env(), capture_output=True,
                           text=True, timeout=600)
 
 
@@ -89,8 +97,9 @@ def test_each_student_is_the_single_run_of_its_model_seed(config_file, multi, tm
     assert out.returncode == 0, out.stderr[-3000:]
     member = os.path.join(multi, "students", str(k))
     for name in ("student", "student_ema"):
-        for a, b in zip(student_leaves(single, name), student_leaves(member, name), strict=True):
-            np.testing.assert_allclose(a, b, **RUN_PARAM)
+        pairs = list(zip(student_leaves(single, name), student_leaves(member, name), strict=True))
+        difference = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in pairs))
+        assert difference <= RUN_PARAM_RTOL * np.sqrt(sum(np.sum(b ** 2) for _, b in pairs)), (name, difference)
     for a, b in zip(records(single), records(member), strict=True):
         for key in a:
             if key.startswith("train_") and key != "train_steps":
@@ -130,7 +139,7 @@ def test_a_student_directory_evaluates_and_exports_like_a_run(multi, tmp_path):
 def test_sigkill_and_resume_of_several_students_is_exact(config_file, multi, tmp_path):
     workdir = str(tmp_path / "killed")
     args = (f"--config.students={K}", "--config.model_seed=4")
-    proc = subprocess.Popen(main_args(config_file, workdir, *args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(main_args(config_file, workdir, *args), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     assert wait_for_step(proc, workdir, 12)      # mid second epoch
     proc.send_signal(signal.SIGKILL)
@@ -174,8 +183,8 @@ def test_both_designs_give_each_seed_its_single_run(design):
         single = tiny_config("rsd", "random")
         single.model_seed = 7 + i
         # vmap turns the convolutions into grouped ones, whose sums are ordered otherwise: rounding only, which
-        # this tiny net (gradient norm ~50-80) amplifies: measured 4.3e-6 relative in the loss of step 3
-        tolerance = dict(rtol=1e-4, atol=1e-5) if design == "vmap" else {}
+        # this tiny net amplifies: measured 3.7e-5 in a parameter after 3 steps at lr 0.05
+        tolerance = dict(rtol=1e-4, atol=2e-4) if design == "vmap" else {}
         assert_member_equals(state, losses, i, *steps(one_device_run(single)), **tolerance)
 
 
