@@ -14,7 +14,7 @@ from rsd_jax.config import base_config
 def get_config(arg=None):
     c = base_config()
     c.program = "demo"
-    c.seeds = (0, 1, 2)
+    c.students = 3                  # model seeds 0, 1, 2 of each method, trained side by side in one run
     c.methods = ("vanilla", "kd", "rsd")
     c.data.update(dict(name="digits", image_size=32, batch_size=64, eval_batch_size=120,
                        labelled_fraction=0.1, test_fraction=0.2))
@@ -33,7 +33,7 @@ def get_config(arg=None):
                                                      weight_decay=0.05, epochs=30, warmup_epochs=2, min_lr=1e-5))
     c.log_every_steps = 5
     if arg == "smoke":
-        c.seeds = (0,)
+        c.students = 2
         c.teacher.overrides = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
         c.student.overrides = dict(img_size=32, widths=(8, 16, 16, 32), layers=(1, 1, 1, 1))
         c.optim.epochs = 2

@@ -1,4 +1,5 @@
-"""torch/timm <-> Flax conversion. Imports torch only in the CLIs and the parity check; core.py is torch-free."""
+"""torch/timm <-> Flax conversion. Imports torch only in the CLIs' torch.save paths and the parity check; core.py and
+formats.py (safetensors files, timm hub folders) are torch-free."""
 import contextlib
 import os
 import signal

@@ -58,12 +58,19 @@ def _flat_template(template):
     return [(k[0], k[1:], tuple(v.shape)) for k, v in flat.items()]
 
 
+def float32_copy(value):
+    """A numpy copy; floating point of any width as float32 (the models' dtype), other dtypes kept to be refused."""
+    value = np.array(value, copy=True)
+    return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+
+
 def state_dict_to_variables(state_dict, template, table=None):
     """Fill `template` (the model's variable tree, abstract is fine) from a timm-1.x-layout numpy state_dict.
 
     `table.torch_name(collection, path)` may override the default name rule for a family. Every tensor must be
     used exactly once (BatchNorm's num_batches_tracked and the table's `IGNORED` patterns excepted) and every
-    leaf filled with the right shape; otherwise one ConversionError lists all the problems.
+    leaf filled with the right shape and a floating-point dtype; otherwise one ConversionError lists all the
+    problems.
     """
     name_of = getattr(table, "torch_name", None) or torch_name
     ignored = [re.compile(p) for p in (*getattr(table, "IGNORED", ()), r"(^|\.)num_batches_tracked$")]
@@ -71,10 +78,9 @@ def state_dict_to_variables(state_dict, template, table=None):
     leaves = {name_of(collection, path): (collection, path, shape)
               for collection, path, shape in _flat_template(template)}
     # Both sides keyed by torch name, the checkpoint's tensors in the Flax layout (never a view of torch memory).
-    flax_values = {k: to_flax_array(leaves[k][1][-1], np.array(v, copy=True)) if k in leaves else v
-                   for k, v in given.items()}
+    flax_values = {k: to_flax_array(leaves[k][1][-1], float32_copy(v)) if k in leaves else v for k, v in given.items()}
     wanted = {k: jax.ShapeDtypeStruct(shape, np.float32) for k, (_, _, shape) in leaves.items()}
-    differences = trees.diff(wanted, flax_values)
+    differences = trees.diff(wanted, flax_values, dtypes=True)   # an integer or bool tensor for a float leaf
     if differences:
         raise ConversionError(differences.describe("checkpoint", "model"))
     return traverse_util.unflatten_dict({(collection, *path): flax_values[k]

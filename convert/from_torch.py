@@ -1,19 +1,30 @@
-"""Convert a timm / reference PyTorch checkpoint into a Flax model directory.
+"""Convert a timm / reference PyTorch checkpoint, a safetensors file or a timm hub folder into a Flax model directory.
 
-    python -m convert.from_torch CKPT.pth --out DIR [--model NAME] [--num_classes N] [--use_ema]
+    python -m convert.from_torch SOURCE --out DIR [--model NAME] [--num_classes N] [--use_ema]
                                  [--override KEY=VALUE ...] [--verify]
 
-Reads raw state_dicts and the wrappers timm and the reference write (`state_dict`, `state_dict_ema`, `model`;
-`module.` and `_orig_mod.` prefixes), in the timm 0.6.x or 1.x layout, without executing code from the file
-(`torch.load(weights_only=True)`; Python objects other than tensors, such as the reference's argparse Namespace,
-load as inert placeholders). Without --model/--num_classes they are inferred from the keys and shapes. `--override`
-sets architecture options the checkpoint was built with (e.g. `--override num_heads=4`; inferred where the shapes
-tell). The output (`rsd_jax.models.load_model(DIR)`) holds params and batch_stats plus model.json: model name,
-num_classes, overrides, source path and SHA-256, detected layout.
+SOURCE is a torch.save file (.pth, .pth.tar, .bin), a safetensors file, or a timm hub folder (`config.json` beside
+`model.safetensors` or `pytorch_model.bin`, as the Hugging Face Hub serves timm models and timm's save_for_hf
+writes them); convert/formats.py tells them apart by their content.
+
+torch.save files: reads raw state_dicts and the wrappers timm and the reference write (`state_dict`,
+`state_dict_ema`, `model`; `module.` and `_orig_mod.` prefixes), in the timm 0.6.x or 1.x layout, without executing
+code from the file (`torch.load(weights_only=True)`; Python objects other than tensors, such as the reference's
+argparse Namespace, load as inert placeholders). safetensors files hold tensors only and are read without torch
+(bfloat16 and float16 are widened to float32, as from torch files). A tensor of an integer or bool dtype where the
+model has a float, a missing or unexpected key, or a wrong shape is an error listing every problem.
+
+Which model: a hub folder's `config.json` names it (`architecture`, `num_classes`; `model_args`, where present,
+gives what the weights cannot show, such as ViT's head count); otherwise, and without --model/--num_classes, the
+model is inferred from the keys and shapes. `--model` overrides config.json. `--override` sets architecture options
+the checkpoint was built with (e.g. `--override num_heads=4`; inferred where the shapes tell). The output
+(`rsd_jax.models.load_model(DIR)`) holds params and batch_stats plus model.json: model name, num_classes, overrides,
+source path, format and SHA-256 of the weights file, detected layout, and a hub folder's `pretrained_cfg`.
 
 Library use: `convert_state_dict(state_dict, model_name, num_classes=None) -> variables`.
 """
 import ast
+import dataclasses
 import hashlib
 import os
 import sys
@@ -23,7 +34,7 @@ import zipfile
 import numpy as np
 from absl import flags
 
-from convert import check_out, cli_main, core
+from convert import check_out, cli_main, core, formats
 from rsd_jax import models
 from rsd_jax.errors import UserError
 
@@ -54,8 +65,11 @@ class _Opaque:
 def load_checkpoint(path):
     """The object in a torch.save file, loaded with weights_only=True."""
     import argparse as argparse_module
-
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError(f"{path} is a torch.save file: reading it needs torch (pip install -e '.[convert]'); "
+                           "safetensors files and hub folders with model.safetensors do not") from None
     if not os.path.exists(path):
         raise ConvertError(f"{path}: no such file")
     if not os.path.isfile(path):
@@ -142,8 +156,7 @@ def to_numpy(value):
         if value.is_floating_point():
             value = value.float()
         value = value.numpy()
-    value = np.array(value, copy=True)
-    return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+    return core.float32_copy(value)
 
 
 def file_sha256(path):
@@ -292,7 +305,7 @@ def parse_overrides(items):
     return out
 
 
-USAGE = ("python -m convert.from_torch CKPT.pth --out DIR [--model NAME] [--num_classes N] [--use_ema] "
+USAGE = ("python -m convert.from_torch SOURCE --out DIR [--model NAME] [--num_classes N] [--use_ema] "
          "[--override KEY=VALUE ...] [--verify]")
 
 
@@ -309,18 +322,90 @@ def define_flags(FLAGS):
                       flag_values=FLAGS)
 
 
+def read_source(path, use_ema=False):
+    """(state_dict, where in the file it was found, formats.Source) of a torch file, a safetensors file or a timm
+    hub folder (`formats.open_source` tells which)."""
+    source = formats.open_source(path)
+    if source.safetensors:
+        if use_ema:
+            raise ConvertError("--use_ema: a safetensors file holds one state_dict, with no 'state_dict_ema'")
+        state_dict, found_in = formats.read_safetensors(source.weights), "safetensors"
+    else:
+        state_dict, found_in = extract_state_dict(load_checkpoint(source.weights), use_ema)
+    if source.kind == "hub":
+        found_in = f"{os.path.basename(source.weights)} ({found_in}) of a hub folder"
+    return strip_prefixes(state_dict), found_in, source
+
+
+def _inferred_or_none(state_dict):
+    try:
+        name, _, inferred = infer_model(state_dict)
+        return name, inferred
+    except (ConvertError, core.ConversionError):
+        return None, {}
+
+
+def hub_model(hub, state_dict, explicit):
+    """(model name, overrides) of a hub folder: config.json's architecture. With model_args (built with other
+    options than the registered model's), the options the weights show come from the keys and shapes, those they
+    cannot show from config.json: the family table's GUESSED (ViT's head count) from model_args, a CNN's img_size
+    from pretrained_cfg's input_size; `explicit` overrides win."""
+    name = hub["architecture"]
+    if name not in models.list_models():
+        raise ConvertError(f"{formats.HUB_CONFIG} names architecture {name!r}, which rsd_jax does not have "
+                           f"(known: {', '.join(models.list_models())}); pass --model to read it as one of those")
+    inferred_name, inferred = _inferred_or_none(state_dict)
+    if inferred_name is not None and models.family_of(inferred_name) != models.family_of(name):
+        raise ConvertError(f"{formats.HUB_CONFIG} names {name} but the weights are a {inferred_name} "
+                           f"({models.family_of(inferred_name)} family)")
+    overrides, defaults = {}, _options(name)
+    if inferred_name == name or (inferred_name is not None and hub["model_args"]):
+        # the inferred model's overrides, re-expressed against `name`
+        overrides = {k: v for k, v in inferred.items() if defaults.get(k) != v}
+    table = core.family_table(models.family_of(name))
+    from_args = {k: models.model_kwargs(name, **{k: hub["model_args"][k]})[k]
+                 for k in getattr(table, "GUESSED", ()) if k in hub["model_args"]}
+    size = input_size(hub["pretrained_cfg"])
+    if "img_size" not in overrides and size is not None and size != defaults.get("img_size", size):
+        overrides["img_size"] = size   # a CNN's input size shows in no weight; timm's input_size says it
+    overrides = {**overrides, **from_args, **explicit}
+    for k in getattr(table, "GUESSED", ()):
+        if k in inferred and k not in from_args and k not in explicit:
+            print(f"note: {k}={inferred[k]!r} is a guess, neither the weights nor {formats.HUB_CONFIG} show it; "
+                  f"pass --override {k}=N if the model was built with another value")
+    return name, overrides
+
+
+def input_size(pretrained_cfg):
+    """The side of a timm pretrained_cfg's square `input_size` [3, H, W], else None."""
+    size = pretrained_cfg.get("input_size")
+    if isinstance(size, (list, tuple)) and len(size) == 3 and size[1] == size[2] and isinstance(size[2], int):
+        return size[2]
+    return None
+
+
+def _options(name):
+    """{option: value} of the registered model `name` (its module's fields)."""
+    module = models.create_model(name)
+    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
+
+
 def run(FLAGS, positional):
     (checkpoint,) = positional
     start = time.perf_counter()
     check_out(FLAGS.out)
     out = os.path.abspath(FLAGS.out)
     explicit = parse_overrides(FLAGS.override)
-    obj = load_checkpoint(checkpoint)
-    state_dict, found_in = extract_state_dict(obj, FLAGS.use_ema)
-    state_dict = strip_prefixes(state_dict)
+    state_dict, found_in, source = read_source(checkpoint, FLAGS.use_ema)
+    hub = source.hub_config if FLAGS.model is None else None   # --model overrides config.json
+    num_classes = FLAGS.num_classes if FLAGS.num_classes is not None or hub is None else hub["num_classes"]
 
     name, overrides = FLAGS.model, dict(explicit)
-    if name is None:
+    if hub is not None:
+        name, overrides = hub_model(hub, state_dict, explicit)
+        print(f"model from {formats.HUB_CONFIG}: {name}" + (f", {num_classes} classes" if num_classes else "")
+              + (f", overrides {overrides}" if overrides else ""))
+    elif name is None:
         name, inferred_classes, inferred = infer_model(state_dict)
         overrides = {**inferred, **explicit}
         print(f"inferred model: {name}, {inferred_classes} classes"
@@ -332,25 +417,25 @@ def run(FLAGS, positional):
                   f"pass --override {k}=N if the model was built with another value")
     else:
         models_family = _family_or_error(name)
-        try:
-            inferred_name, _, inferred = infer_model(state_dict)
-        except (ConvertError, core.ConversionError):
-            inferred_name, inferred = None, {}
+        inferred_name, inferred = _inferred_or_none(state_dict)
         if inferred_name is not None and models.family_of(inferred_name) != models_family:
             raise ConvertError(f"the checkpoint is a {inferred_name} ({models.family_of(inferred_name)} family), "
                                f"not a {name}; pass --model {inferred_name} or leave --model out")
         if inferred_name == name and inferred:
             overrides = {**inferred, **explicit}
             print(f"inferred overrides for {name}: {inferred}")
-    variables, info = convert(state_dict, name, FLAGS.num_classes, overrides)
-    if FLAGS.num_classes is None and FLAGS.model is not None:
+    variables, info = convert(state_dict, name, num_classes, overrides)
+    if num_classes is None and FLAGS.model is not None:
         print(f"inferred num_classes: {info['num_classes']}")
     if FLAGS.verify:
         from convert import verify
         verify.check(name, info["num_classes"], info["overrides"], variables)
+    provenance = dict(source_format=source.kind)
+    if hub is not None:   # kept for convert.to_torch --format hf (mean/std, crop, ... of the weights)
+        provenance["timm_pretrained_cfg"] = hub["pretrained_cfg"]
     models.save_model(out, name, info["num_classes"], variables, overrides=info["overrides"],
                       source=os.path.abspath(checkpoint), source_entry=found_in,
-                      source_sha256=file_sha256(checkpoint), layout=info["layout"])
+                      source_sha256=file_sha256(source.weights), layout=info["layout"], **provenance)
     print(f"wrote {FLAGS.out}: {_describe(name, info['overrides'])}, {info['num_classes']} classes, "
           f"{len(state_dict)} tensors from {found_in}, layout {info['layout']} "
           f"({time.perf_counter() - start:.1f} s)")
@@ -364,7 +449,7 @@ def _family_or_error(name):
 
 
 def main(argv=None):
-    return cli_main(run, argv, define=define_flags, args=("CKPT.pth",), required=("out",), usage=USAGE)
+    return cli_main(run, argv, define=define_flags, args=("SOURCE",), required=("out",), usage=USAGE)
 
 
 if __name__ == "__main__":

@@ -51,14 +51,18 @@ def create_timm(model_name, num_classes, overrides):
 
 def timm_model(model_name, num_classes, overrides, state_dict):
     """The timm model holding `state_dict` (strict load), in eval mode."""
-    model = create_timm(model_name, num_classes, overrides)
+    return load_strict(create_timm(model_name, num_classes, overrides), state_dict,
+                       f"timm's {model_name} with {timm_kwargs(model_name, overrides)}")
+
+
+def load_strict(model, state_dict, what):
+    """The timm `model` holding the numpy `state_dict` (strict load), in eval mode; VerifyError naming `what`."""
     import torch
     try:
         model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()},
                               strict=True)
     except RuntimeError as e:
-        raise VerifyError(f"timm's {model_name} with {timm_kwargs(model_name, overrides)} does not take these "
-                          f"weights: {' '.join(str(e).split())}") from None
+        raise VerifyError(f"{what} does not take these weights: {' '.join(str(e).split())}") from None
     return model.eval()
 
 

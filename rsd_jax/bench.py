@@ -101,11 +101,11 @@ def run_bench(config, steps=5, warmup=1, profile=0):
     import jax
     import numpy as np
 
-    from rsd_jax import sharding, train
+    from rsd_jax import sharding, students, train
 
     t0 = time.perf_counter()
     run = train.build_run(config, dataset=synthetic_dataset(config))
-    state = run.init(jax.random.key(config.seed))
+    state = run.initial_state()
     batch = run.train_batch(0)
     jax.block_until_ready((state, batch))
     build_s = time.perf_counter() - t0
@@ -134,7 +134,7 @@ def run_bench(config, steps=5, warmup=1, profile=0):
     jax.block_until_ready(state)
     total_s = time.perf_counter() - t_all
     step_s = statistics.median(times) if times else total_s / steps
-    loss = float(jax.device_get(metrics["loss"]))
+    loss = float(np.mean(jax.device_get(metrics["loss"])))
 
     device = jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -145,6 +145,9 @@ def run_bench(config, steps=5, warmup=1, profile=0):
         "device": f"{device.platform}:{device.device_kind}", "devices": devices, "jax": jax.__version__,
         "build_s": round(build_s, 3), "compile_s": round(compile_s, 3), "step_ms": round(1e3 * step_s, 2),
         "images_per_s": round(b / step_s, 2), "loss": loss,
+        # Several students (`students`, a sweep): each sees the batch, so K x B student images per step.
+        "students": run.num_members, "student_images_per_s": round(run.num_members * b / step_s, 2),
+        "design": students.design(config, device.platform) if run.num_members > 1 else "single",
         # The lowered program is the whole step, before SPMD partitioning splits it over the devices.
         "flops_per_step": flops,
         "peak_memory_bytes": (stats or {}).get("peak_bytes_in_use"),
@@ -275,6 +278,8 @@ def breakdown(config, steps=3):
 def format_result(r):
     parts = [f"{r['teacher']} -> {r['student']} {r['method']} {r['dtype']} batch {r['batch']} at {r['image_size']}",
              f"{r['images_per_s']:.1f} images/s ({r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s)"]
+    if r.get("students", 1) > 1:
+        parts.insert(1, f"{r['students']} students ({r['design']}): {r['student_images_per_s']:.1f} student images/s")
     if r.get("flops_per_step"):
         parts.append(f"{r['flops_per_step'] / 1e12:.2f} TFLOP/step, {r['tflops_per_s']:.2f} TFLOP/s")
     if "mfu" in r:
@@ -346,6 +351,9 @@ def define_flags(FLAGS):
                       flag_values=FLAGS)
     flags.DEFINE_integer("profile", 0, "trace N more steps and add the device time per kernel and per model scope "
                          "(`profile` in the JSON line)", flag_values=FLAGS)
+    flags.DEFINE_list("students", None, "students per step, e.g. 1,2,4,8: each measured in turn, with the gain in "
+                      "student images/s over the first (and, with --breakdown, the bound set by the teacher's share "
+                      "of the step)", flag_values=FLAGS)
     flags.DEFINE_bool("compare_torch", False, "alternate with bench.torch_bench", flag_values=FLAGS)
     flags.DEFINE_integer("repeats", 2, "runs of each with --compare_torch", flag_values=FLAGS)
     flags.DEFINE_bool("torch_compile", True, "--compare_torch also times torch.compile of the torch step",
@@ -358,11 +366,46 @@ def run(FLAGS, args):
     if FLAGS.compare_torch:
         return compare_torch(FLAGS)
     config = bench_config(FLAGS.config, FLAGS.batch, FLAGS.dtype)
+    if FLAGS.students:
+        return several_students(config, _counts(FLAGS.students), FLAGS)
     result = run_bench(config, steps=FLAGS.steps, profile=FLAGS.profile)
     if FLAGS.breakdown:
         result.update(breakdown(config, steps=FLAGS.steps))
     print(json.dumps(result) if FLAGS.json else format_result(result))
     return result
+
+
+def _counts(values):
+    try:
+        counts = [int(v) for v in values]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise UserError(f"--students takes positive integers such as 1,2,4, got {','.join(values)}")
+    return counts
+
+
+def several_students(config, counts, FLAGS):
+    """The bench at each number of students in `counts` (one process, one compile each): student images/s, the
+    gain over the first count, and with --breakdown the bound 1 / (1 - teacher share of the first count's step)
+    that sharing the teacher's forward pass allows."""
+    shares = breakdown(config, steps=FLAGS.steps) if FLAGS.breakdown else {}
+    results = []
+    for k in counts:
+        c = config.copy_and_resolve_references()
+        c.students = k
+        result = run_bench(c, steps=FLAGS.steps)
+        base = results[0] if results else result
+        result["gain"] = round(result["student_images_per_s"] / base["student_images_per_s"], 3)
+        if shares:
+            result.update(shares)
+            share = shares["teacher_forward_ms"] / base["step_ms"]
+            result["teacher_share"] = round(share, 3)
+            result["bound"] = round(1 / (1 - share), 3) if share < 1 else None
+        results.append(result)
+        print(json.dumps(result) if FLAGS.json else format_result(result) + f" | gain {result['gain']:.2f}x"
+              + (f" (bound {result['bound']:.2f}x)" if result.get("bound") else ""))
+    return results
 
 
 def main(argv=None):

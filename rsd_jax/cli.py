@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 from rsd_jax.errors import UserError
 
@@ -30,6 +31,32 @@ def quiet_logging():
     finally:
         ours.handlers[:], ours.level, ours.propagate = saved[0], saved[1], saved[2]
         absl_logging.set_verbosity(saved[3])
+
+
+@contextlib.contextmanager
+def log_file(workdir, primary=True):
+    """Our messages also into `<workdir>/log.txt` (appended across resumes, each line with its UTC time) while the
+    block runs, and the user error that ends it; only `primary` (process 0) writes. The progress bar is not a log
+    message, so the file never gets its carriage returns."""
+    if not primary:
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(workdir, "log.txt"), mode="a", encoding="utf-8")
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    ours = logging.getLogger("rsd_jax")
+    ours.addHandler(handler)
+    try:
+        yield
+    except UserError as e:
+        ours.removeHandler(handler)
+        handler.handle(logging.makeLogRecord({"msg": f"error: {one_line(e)}", "levelno": logging.ERROR}))
+        raise
+    finally:
+        ours.removeHandler(handler)
+        handler.close()
 
 
 def one_line(e):

@@ -11,11 +11,27 @@ from rsd_jax.errors import UserError
 def base_config():
     c = ml_collections.ConfigDict()
     c.program = "train"             # "train": one run; "demo": the bundled teacher + three students comparison
-    c.seed = 0                      # parameters, augmentation, dropout and data order
+    c.seed = 0                      # data order and augmentation (and what model_seed seeds, unless it is set)
+    # The student's own randomness: student and method initialisation, dropout and drop-path. None: `seed`.
+    c.model_seed = ml_collections.config_dict.placeholder(int)
+    # Several students in one run, against one teacher pass per step (rsd_jax/students.py, docs/students.md):
+    # `students` model seeds (model_seed, model_seed+1, ...) crossed with the `sweep`, a tuple of override strings
+    # such as "distill.rsd.kappa=0.02" (several overrides in one entry joined by ","). Student i = j*students + k
+    # has sweep entry j and model seed model_seed+k; each gets its run directory <workdir>/students/<i>/.
+    c.students = 1
+    c.sweep = ()
+    c.students_design = "auto"      # "unroll" (the students one after another in one jit), "vmap", or "auto"
 
     c.data = ml_collections.ConfigDict(dict(
         name="digits", data_dir="", image_size=32, batch_size=64, eval_batch_size=128,
         test_fraction=0.2, labelled_fraction=1.0, split_seed=0,
+        # tfds:<name> (rsd_jax/data/tfds_source.py): feature names and splits; "" = the first of test, validation.
+        image_key="image", label_key="label", train_split="train", test_split="",
+        # Per-channel normalisation (0..1 scale) for tfds:/folder: datasets; () = computed from the training split.
+        mean=(), std=(),
+        # imagenet2012 (rsd_jax/data/imagenet.py): host decoding worker processes (0 = in the training process), and
+        # the eval side the host resizes to (0 = floor(image_size / (augment.crop_pct or 0.875))).
+        workers=8, host_image_size=0,
         # On-device augmentation: the reference's CNN recipe by default (rsd_jax/data/augment.py).
         augment=augment.default_config(),
     ))
@@ -56,7 +72,7 @@ def base_config():
 # Integer settings and their least value (0 where 0 means off).
 _COUNTS = {"data.batch_size": 1, "data.eval_batch_size": 1, "data.image_size": 1, "optim.epochs": 1,
            "log_every_steps": 1, "eval_every_epochs": 1, "checkpoint_every_epochs": 1, "checkpoint_every_steps": 0,
-           "stop_after_epoch": 0, "distill.group_size": 0}
+           "stop_after_epoch": 0, "distill.group_size": 0, "students": 1}
 
 
 def check_counts(config):

@@ -1,5 +1,7 @@
 """The bundled demo: train a small ViT teacher on the digits, then distil a small ResNet student from it three
-ways (from scratch, KD, RSD), each for every seed in `config.seeds`, and print a table of held-out top-1.
+ways (from scratch, KD, RSD), each as one run of `config.students` students (model seeds 0, 1, ...: the same
+batches, and one teacher pass per step for all of them), and print a table of held-out top-1, mean +- std over the
+students: the report's (`rsd_jax.report`, also written to `<workdir>/report/`).
 
 Every run lives in its own sub-directory of the workdir and resumes like any other run, so running the demo
 again only does what is missing. The numbers also go to `<workdir>/results.json`.
@@ -11,7 +13,7 @@ import os
 import ml_collections
 import numpy as np
 
-from rsd_jax import rundir, train
+from rsd_jax import report, rundir, train
 
 METHOD_KEYS = {"vanilla": "scratch_top1", "kd": "kd_top1", "rsd": "rsd_top1"}
 
@@ -21,6 +23,7 @@ def teacher_config(config):
     c = copy.deepcopy(config)
     with c.unlocked():
         c.program = "train"
+        c.students, c.sweep = 1, ()
         c.student = ml_collections.ConfigDict(dict(model=config.teacher.model,
                                                     overrides=config.teacher.overrides.to_dict(), init=""))
         c.teacher.path = ""
@@ -30,11 +33,10 @@ def teacher_config(config):
     return c
 
 
-def student_config(config, method, seed, teacher_dir):
+def student_config(config, method, teacher_dir):
     c = copy.deepcopy(config)
     with c.unlocked():
         c.program = "train"
-        c.seed = seed
         c.distill.method = method
         c.teacher.path = teacher_dir if method != "vanilla" else ""
     return c
@@ -54,31 +56,29 @@ def _run(config, workdir):
     if teacher is None:
         return None
     teacher_dir = os.path.join(workdir, "teacher", "student")
-    top1 = {m: [] for m in config.methods}
-    for seed in config.seeds:
-        for method in config.methods:
-            print(f"demo: student {config.student.model}, {method}, seed {seed} "
-                  f"({config.data.labelled_fraction:.0%} of the labels)")
-            result = train.train_and_evaluate(student_config(config, method, seed, teacher_dir),
-                                              os.path.join(workdir, f"{method}_seed{seed}"))
-            if result is None:
-                return None
-            top1[method].append(result["top1"])
+    top1 = {}
+    for method in config.methods:
+        print(f"demo: {config.students} x student {config.student.model}, {method} "
+              f"({config.data.labelled_fraction:.0%} of the labels)")
+        result = train.train_and_evaluate(student_config(config, method, teacher_dir), os.path.join(workdir, method))
+        if result is None:
+            return None
+        top1[method] = [r["top1"] for r in result["students"]] if "students" in result else [result["top1"]]
 
-    results = {"teacher_top1": teacher["top1"], "seeds": list(config.seeds),
+    results = {"teacher_top1": teacher["top1"], "students": config.students,
                "labelled_fraction": config.data.labelled_fraction}
-    rows = [("teacher", config.teacher.model, f"{teacher['top1']:.2f}")]
     for method in config.methods:
         values = np.asarray(top1[method])
         key = METHOD_KEYS.get(method, f"{method}_top1")
         results[key] = float(values.mean())
         results[key[:-len("top1")] + "top1_runs"] = [float(v) for v in values]
-        spread = f" +- {values.std():.2f}" if len(values) > 1 else ""
-        rows.append((method if method != "vanilla" else "scratch", config.student.model,
-                     f"{values.mean():.2f}{spread}"))
     rundir.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
-    print(f"\nheld-out top-1 (%) on {config.data.name}, {len(config.seeds)} seed(s):")
-    print(f"{'run':<10}{'model':<28}top-1")
-    for name, model, value in rows:
-        print(f"{name:<10}{model:<28}{value}")
+    # The table is the report's (rsd_jax.report): one group per method, mean +- std over the seeds.
+    plots = report.have_matplotlib()
+    _, table = report.write_report([workdir], os.path.join(workdir, "report"), plots=plots)
+    print(f"\nheld-out top-1 (%) on {config.data.name}, {config.students} seed(s) "
+          f"({config.data.labelled_fraction:.0%} of the labels for the students):")
+    print(table)
+    print(f"report: {os.path.join(workdir, 'report')}" + ("" if plots else
+          " (tables only; the plots need matplotlib: pip install 'rsd_jax[report]')"))
     return results

@@ -1,5 +1,7 @@
 """Evaluation: top-1, top-5 and cross-entropy of a model over a test split, in eval mode, with the eval transform of
 the model (the reference's resize and centre crop, docs/reference.md §4.1). Training and `rsd_jax.evaluate` use it."""
+import sys
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -34,10 +36,20 @@ def make_eval_step(model, transform, **jit_kwargs):
     return jax.jit(eval_step, **jit_kwargs)
 
 
-def evaluate_split(eval_step, params, model_state, split, batch_size, mesh):
-    """top1/top5 in percent and mean loss over a whole split."""
+def _shown(batches, total, desc):
+    """`batches` through a tqdm bar when `desc` is given, on process 0, and stderr is a terminal (as training's)."""
+    if desc is None or jax.process_index() != 0 or not sys.stderr.isatty():
+        return batches
+    from tqdm import tqdm
+    return tqdm(batches, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def evaluate_split(eval_step, params, model_state, split, batch_size, mesh, desc=None):
+    """top1/top5 in percent and mean loss over a whole split (with a progress bar named `desc` on a terminal)."""
     totals = None
-    for batch in data.eval_batches(split, batch_size, jax.process_index(), jax.process_count()):
+    batches = data.eval_batches(split, batch_size, jax.process_index(), jax.process_count())
+    total = -(-len(split) // batch_size) if hasattr(split, "__len__") else None
+    for batch in _shown(batches, total, desc):
         sums = eval_step(params, model_state, sharding.to_global(batch, mesh, local=True))
         sums = jax.device_get(sums)
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}

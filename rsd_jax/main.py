@@ -40,6 +40,10 @@ def run(FLAGS, args):
     results = train.train_and_evaluate(config, workdir)
     if results is None:
         print(f"stopped early with a checkpoint; resume with the same command (workdir {workdir})")
+    elif jax.process_index() == 0 and "settings" in results:     # several students
+        for row in results["settings"]:
+            print(f"{row['sweep'] or 'students'} {row['students']}: top1 {row['top1_mean']:.2f} +- "
+                  f"{row['top1_std']:.2f} | best top1 {row['best_top1_mean']:.2f} +- {row['best_top1_std']:.2f}")
     elif jax.process_index() == 0:
         print(f"top1 {results['top1']:.2f} | top5 {results['top5']:.2f} | loss {results['loss']:.4f} "
               f"| best top1 {results['best_top1']:.2f}")

@@ -40,13 +40,17 @@ def all_finite(metrics):
 
 def skip_nonfinite(train_step, abstract_state):
     """The train step, but a step whose metrics are not finite leaves the state as it was (except the step counter,
-    so the data order goes on) and reports `skipped`=1 with zeroed metrics."""
+    so the data order goes on) and reports `skipped`=1 with zeroed metrics. In a run of several students (metrics
+    with a leading member axis) this holds for each student on its own."""
     shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract_state)
 
     def step(state, teacher_vars, batch):
         new, metrics = train_step(state, teacher_vars, batch)
-        finite = all_finite(metrics)
-        kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state).replace(step=new.step)
+        finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in jax.tree_util.tree_leaves(metrics)]), axis=0)
+
+        def keep(n, o):
+            return jnp.where(finite.reshape(finite.shape + (1,) * (n.ndim - finite.ndim)), n, o)
+        kept = jax.tree_util.tree_map(keep, new.replace(step=None), state.replace(step=None)).replace(step=new.step)
         metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
         metrics["skipped"] = 1 - finite.astype(jnp.int32)
         return kept, metrics
@@ -75,8 +79,11 @@ def raise_if_nonfinite(first_bad, kept_step):
     bad = jax.device_get(first_bad)
     if bad["found"]:
         kept = kept_step()
-        terms = [k for k in bad if k not in ("found", "step") and not np.isfinite(bad[k])]
-        raise UserError(f"non-finite {' and '.join(terms) or 'loss'} at step {int(bad['step'])}; the last good "
+        terms = [k for k in bad if k not in ("found", "step") and not np.all(np.isfinite(bad[k]))]
+        where = ""
+        if terms and np.ndim(bad[terms[0]]):     # several students: which
+            where = " (students " + ", ".join(str(i) for i in np.flatnonzero(~np.isfinite(bad[terms[0]]))) + ")"
+        raise UserError(f"non-finite {' and '.join(terms) or 'loss'} at step {int(bad['step'])}{where}; the last good "
                         f"checkpoint ({'step ' + str(kept) if kept is not None else 'none yet'}) is kept: lower "
                         "optim.lr, set optim.clip_grad, or set skip_nonfinite_steps=True to skip such steps")
 

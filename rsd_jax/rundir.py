@@ -26,6 +26,9 @@ RESUMABLE_KEYS = frozenset({
     "optim.lr", "optim.clip_grad"})
 
 EXPORTS = ("student", "student_ema")     # the model directories a finished run writes
+# In <workdir>/students/<i>/ of a run of several students: {"index": i, "students": N, "run": "../.."}, the
+# checkpoints being the run's.
+MEMBER_JSON = "member.json"
 
 
 def check_workdir(workdir):
@@ -106,10 +109,27 @@ def read_run_config(config_path):
     return config
 
 
-def _flat(tree, prefix=""):
+def read_metrics(path):
+    """The records of a metrics.jsonl (dicts with an integer `step`), skipping a cut-off or foreign line; [] if
+    there is no such file."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
+    return records
+
+
+def flat(tree, prefix=""):
+    """A nested config dict as {"a.b": value}."""
     if not isinstance(tree, dict):
         return {prefix[:-1]: tree}
-    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
 
 def check_resume_config(config_path, config):
@@ -118,7 +138,7 @@ def check_resume_config(config_path, config):
     (options added or removed by another version) are not compared."""
     if not os.path.exists(config_path):
         return []     # written by a version that kept no config.json
-    stored, given = _flat(read_run_config(config_path)), _flat(config)
+    stored, given = flat(read_run_config(config_path)), flat(config)
     differ = sorted(k for k in set(stored) & set(given) if stored[k] != given[k])
     refused = [k for k in differ if k not in RESUMABLE_KEYS]
     if refused:
@@ -131,8 +151,8 @@ def check_resume_config(config_path, config):
 class RunDir:
     """The files of the run in `workdir`; `primary` (process 0) writes them, the other processes only read."""
 
-    def __init__(self, workdir, primary):
-        self.workdir, self.primary = workdir, primary
+    def __init__(self, workdir, primary, member=None):
+        self.workdir, self.primary, self.member = workdir, primary, member
         self.config_path = os.path.join(workdir, "config.json")
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
 
@@ -144,7 +164,16 @@ class RunDir:
         changed = check_resume_config(self.config_path, json.loads(text)) if resuming else []
         if self.primary:
             write_atomic(self.config_path, text)
+            if self.member is not None:
+                index, count = self.member
+                write_atomic(os.path.join(self.workdir, MEMBER_JSON),
+                             json.dumps({"index": index, "students": count, "run": "../.."}))
         return changed
+
+    def best_top1(self, default):
+        """The highest evaluated top-1 in metrics.jsonl (`default` when none is there, e.g. on a process that
+        does not write it)."""
+        return max((r["top1"] for r in self.records() if "top1" in r), default=default)
 
     def truncate_metrics(self, step):
         """Drop metrics.jsonl lines of steps after `step` (and any cut-off last line), so none is written twice:
@@ -152,16 +181,11 @@ class RunDir:
         again."""
         if not self.primary or not os.path.exists(self.metrics_path):
             return
-        kept = []
-        with open(self.metrics_path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                    kept.append(json.dumps(record) + "\n")
+        kept = [json.dumps(r) + "\n" for r in read_metrics(self.metrics_path) if r["step"] <= step]
         write_atomic(self.metrics_path, "".join(kept))
+
+    def records(self):
+        return read_metrics(self.metrics_path)
 
     def append_metrics(self, record):
         if self.primary:
@@ -180,4 +204,8 @@ class RunDir:
                     models.save_model(os.path.join(self.workdir, name), config.student.model, num_classes,
                                       dict(model_state, params=params), overrides=dict(config.student.overrides),
                                       source=os.path.abspath(self.workdir))
+            self.write_results(results)
+
+    def write_results(self, results):
+        if self.primary:
             write_atomic(os.path.join(self.workdir, "results.json"), json.dumps(results, indent=2))

@@ -155,9 +155,10 @@ def test_demo_smoke_and_evaluate_cli(tmp_path):
     for key in ("teacher_top1", "scratch_top1", "kd_top1", "rsd_top1"):
         assert 0 <= results[key] <= 100
     assert "teacher" in out.stdout and "rsd" in out.stdout
-    ev = run_cli("rsd_jax.evaluate", "--workdir", str(tmp_path / "demo" / "rsd_seed0"), "--json")
+    # the smoke demo trains 2 students per method in one run; the second one's directory evaluates like a run's
+    ev = run_cli("rsd_jax.evaluate", "--workdir", str(tmp_path / "demo" / "rsd" / "students" / "1"), "--json")
     assert ev.returncode == 0, ev.stderr[-2000:]
-    assert abs(json.loads(ev.stdout.strip().splitlines()[-1])["top1"] - results["rsd_top1"]) < 1e-9
+    assert abs(json.loads(ev.stdout.strip().splitlines()[-1])["top1"] - results["rsd_top1_runs"][1]) < 1e-9
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_teacher", "wrong_arch", "wrong_classes", "unwritable",

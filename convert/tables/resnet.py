@@ -37,13 +37,13 @@ def infer(state_dict):
 
 
 def timm_kwargs(overrides):
-    from timm.models import resnet as timm_resnet
     out = {k: v for k, v in overrides.items() if k in ("layers", "drop_rate", "drop_path_rate")}
     if "widths" in overrides:
         out["channels"] = tuple(overrides["widths"])
     if overrides.get("stem_width", 64) != 64:
         raise ValueError(f"stem_width={overrides['stem_width']}: timm's ResNet with the 7x7 stem is always 64 wide")
-    if "block" in overrides:
+    if "block" in overrides:   # timm only here: the other kwargs are needed without it (to_torch --format hf)
+        from timm.models import resnet as timm_resnet
         out["block"] = {"basic": timm_resnet.BasicBlock, "bottleneck": timm_resnet.Bottleneck}[overrides["block"]]
     # img_size does not change a CNN's weights; timm's ResNet takes no such argument.
     return out

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rsd_jax import models
+from rsd_jax import data, models
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -142,15 +142,7 @@ def sample_crop_boxes(rng, n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 
     ch = jnp.take_along_axis(ch, first[:, None], 1)[:, 0]
     top = jnp.floor(jax.random.uniform(k_top, (n,)) * (height - ch + 1)).astype(jnp.int32)
     left = jnp.floor(jax.random.uniform(k_left, (n,)) * (width - cw + 1)).astype(jnp.int32)
-    # Central fallback (static: depends only on the image shape).
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
-    fallback = jnp.array([(height - fh) // 2, (width - fw) // 2, fh, fw], jnp.int32)
+    fallback = jnp.array(data.central_crop_box(width, height, ratio), jnp.int32)   # static: the shape only
     boxes = jnp.stack([top, left, ch, cw], axis=1)
     return jnp.where(ok[:, None], boxes, fallback)
 
@@ -546,6 +538,20 @@ def mix(images, labels, rng, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, pro
 
 
 # ------------------------------------------------------------------------------------ the transforms
+
+# What "off" means for each key a source can apply on the host instead (`data.Dataset.host_augment`).
+_HOST_OFF = dict(random_resized_crop=False, hflip=0.0, interpolation="bilinear")
+
+
+def on_device(config, host_augment=()):
+    """`config` without the parts the data source already applied on the host (e.g. the streamed ImageNet's crop
+    and flip), so that they are not applied twice."""
+    if not host_augment:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.update({key: _HOST_OFF[key] for key in host_augment})
+    return config
+
 
 def _size(size):
     return None if size is None else (size, size) if isinstance(size, int) else tuple(size)

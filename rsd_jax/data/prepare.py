@@ -3,7 +3,11 @@
   python -m rsd_jax.data.prepare cifar100 --archive cifar-100-python.tar.gz --data_dir DIR
   python -m rsd_jax.data.prepare cifar100 --archive cifar-100-binary.tar.gz --data_dir DIR
 
-then train or evaluate with `--config.data.name=cifar100 --config.data.data_dir=DIR`. The archive is parsed and
+  python -m rsd_jax.data.prepare folder --train DIR --val DIR --size S --data_dir OUT [--skip_bad]
+  python -m rsd_jax.data.prepare imagenet --train DIR/train --val DIR/val --data_dir OUT [--skip_bad]
+
+then train or evaluate with `--config.data.name=cifar100 --config.data.data_dir=DIR`, `--config.data.name=folder:OUT`
+(rsd_jax/data/folder.py) or `--config.data.name=imagenet2012 --config.data.data_dir=OUT` (rsd_jax/data/imagenet.py). The archive is parsed and
 checked completely before anything is written; the result appears in DIR/cifar100_rsd_jax/ in one rename, so a
 failure leaves nothing half-written (a previous preparation is replaced only by a complete new one).
 The python archive holds Python-2 pickles; they are read with an unpickler that accepts nothing but numpy arrays
@@ -13,14 +17,12 @@ import hashlib
 import io
 import os
 import pickle
-import shutil
 import tarfile
-import tempfile
 
 import numpy as np
 from absl import flags
 
-from rsd_jax import cli
+from rsd_jax import cli, data
 from rsd_jax.data import cifar
 from rsd_jax.errors import UserError
 
@@ -139,46 +141,58 @@ def prepare_cifar100(archive, data_dir, log=print):
     info = dict(source=os.path.basename(archive), archive_kind=kind, official_archive=official,
                 classes=classes, **sums)
     data_dir = os.path.expanduser(data_dir)
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{cifar.SUBDIR}.tmp-", dir=data_dir)
-    except OSError as e:
-        raise UserError(f"cannot write to {data_dir}: {e.strerror or e}") from None
     final = os.path.join(data_dir, cifar.SUBDIR)
-    try:
-        cifar.write_prepared(os.path.join(staging, "new"), splits, info)
-        if os.path.exists(final):
-            os.rename(final, os.path.join(staging, "old"))
-        os.rename(os.path.join(staging, "new"), final)
-    except OSError as e:
-        if not os.path.exists(final) and os.path.exists(os.path.join(staging, "old")):
-            os.rename(os.path.join(staging, "old"), final)
-        raise UserError(f"cannot write to {data_dir}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with data.staged_directory(final) as new:
+        cifar.write_prepared(new, splits, info)
     log(f"prepared CIFAR-100 ({counts['train']} train / {counts['test']} test, {kind} archive"
         f"{', official' if official else ''}) in {final}; use --config.data.name=cifar100 "
         f"--config.data.data_dir={data_dir}")
     return final
 
 
-USAGE = "python -m rsd_jax.data.prepare cifar100 --archive FILE.tar.gz --data_dir DIR"
-DATASETS = ("cifar100",)
+USAGES = {
+    "cifar100": "python -m rsd_jax.data.prepare cifar100 --archive FILE.tar.gz --data_dir DIR",
+    "folder": "python -m rsd_jax.data.prepare folder --train DIR --val DIR --size S --data_dir OUT [--skip_bad]",
+    "imagenet": "python -m rsd_jax.data.prepare imagenet --train DIR --val DIR --data_dir OUT [--skip_bad]",
+}
+REQUIRED = {"cifar100": ("archive",), "folder": ("train", "val", "size"), "imagenet": ("train", "val")}
+USAGE = " | ".join(USAGES.values())
+DATASETS = tuple(USAGES)
 
 
 def define_flags(FLAGS):
-    flags.DEFINE_string("archive", None, "cifar-100-python.tar.gz or cifar-100-binary.tar.gz", flag_values=FLAGS)
-    flags.DEFINE_string("data_dir", None, "the directory to use as --config.data.data_dir", flag_values=FLAGS)
+    flags.DEFINE_string("archive", None, "cifar100: cifar-100-python.tar.gz or cifar-100-binary.tar.gz",
+                        flag_values=FLAGS)
+    flags.DEFINE_string("data_dir", None, "the directory to write (cifar100, imagenet: to use as "
+                        "--config.data.data_dir; folder: as --config.data.name=folder:DIR)", flag_values=FLAGS)
+    flags.DEFINE_string("train", None, "folder, imagenet: the training tree, one subdirectory per class",
+                        flag_values=FLAGS)
+    flags.DEFINE_string("val", None, "folder, imagenet: the validation tree, the same class subdirectories",
+                        flag_values=FLAGS)
+    flags.DEFINE_integer("size", None, "folder: the stored square size (shorter side resized, centre crop)",
+                         flag_values=FLAGS)
+    flags.DEFINE_bool("skip_bad", False, "folder, imagenet: skip (and count) unreadable images instead of failing",
+                      flag_values=FLAGS)
 
 
 def run(FLAGS, args):
     if args[0] not in DATASETS:
         raise UserError(f"unknown dataset {args[0]!r}; known: {', '.join(DATASETS)}")
-    prepare_cifar100(FLAGS.archive, FLAGS.data_dir)
+    missing = [name for name in REQUIRED[args[0]] if FLAGS[name].value in (None, "")]
+    if missing:
+        raise UserError(f"missing --{missing[0]}; usage: {USAGES[args[0]]}")
+    if args[0] == "cifar100":
+        prepare_cifar100(FLAGS.archive, FLAGS.data_dir)
+    elif args[0] == "folder":
+        from rsd_jax.data import folder
+        folder.prepare(FLAGS.train, FLAGS.val, FLAGS.size, FLAGS.data_dir, skip_bad=FLAGS.skip_bad)
+    else:
+        from rsd_jax.data import imagenet
+        imagenet.prepare(FLAGS.train, FLAGS.val, FLAGS.data_dir, skip_bad=FLAGS.skip_bad)
 
 
 def main(argv=None):
-    cli.run_main(run, argv, define=define_flags, args=("DATASET",), required=("archive", "data_dir"), usage=USAGE,
+    cli.run_main(run, argv, define=define_flags, args=("DATASET",), required=("data_dir",), usage=USAGE,
                  compile_cache=False)
 
 
