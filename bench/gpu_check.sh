@@ -3,8 +3,9 @@
 #   bash bench/gpu_check.sh [BATCH] [STEPS] [BUDGET_S]
 # Swin-T -> ResNet18 RSD at 224, batch 256 (2 statistics groups of 128, as the reference on 2 GPUs): the JAX step
 # in bf16 (with a profile of 3 more steps: device time per kernel) and fp32, and the torch baseline in AMP (bf16
-# autocast), fp32, and fp32 with TF32 matrix products (JAX's float32 default on a GPU), one fresh process each; then,
-# while the budget lasts, bf16 / AMP at 4x the batch. Runs go in that order of importance,
+# autocast) eager and under torch.compile (default mode; its first step holds the compile), fp32, and fp32 with TF32
+# matrix products (JAX's float32 default on a GPU), one fresh process each; then, while the budget lasts, bf16 / AMP
+# at 4x the batch. Runs go in that order of importance,
 # each capped by `timeout` and by what is left of BUDGET_S (default 480 s), so the whole script stays under
 # 8 minutes; a run that does not fit is reported as skipped. Prints a table; JSON lines and logs go to $OUT.
 # The lent machines lack ml_collections (jax, flax, optax, orbax, torch and timm are there): download its wheel
@@ -52,6 +53,7 @@ B4=$((4 * BATCH))
 run jax_bf16     150 $PY -m rsd_jax.bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --dtype bfloat16 \
   --profile 3
 run torch_amp     60 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --amp
+run torch_compile_amp 180 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --amp --compile
 run jax_fp32     150 $PY -m rsd_jax.bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --dtype float32
 run torch_fp32    60 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS"
 run torch_tf32    60 $PY -m bench.torch_bench --config $CONFIG --batch "$BATCH" --steps "$STEPS" --tf32
@@ -64,9 +66,10 @@ rows = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     rows[r["run"]] = r
-fmt = "{:<14} {:>6} {:>9} {:>9} {:>9} {:>8} {:>6} {:>9} {:>8}"
+fmt = "{:<17} {:>6} {:>9} {:>9} {:>9} {:>8} {:>6} {:>9} {:>8}"
 print(fmt.format("run", "batch", "img/s", "ms/step", "compile_s", "TFLOP/s", "MFU%", "peak GiB", "loss"))
-for name in ("jax_bf16", "torch_amp", "jax_fp32", "torch_fp32", "torch_tf32", "jax_bf16_x4", "torch_amp_x4"):
+for name in ("jax_bf16", "torch_amp", "torch_compile_amp", "jax_fp32", "torch_fp32", "torch_tf32", "jax_bf16_x4",
+             "torch_amp_x4"):
     r = rows.get(name)
     if r is None:
         print(fmt.format(name, "", "failed or skipped", "", "", "", "", "", ""))
@@ -74,10 +77,12 @@ for name in ("jax_bf16", "torch_amp", "jax_fp32", "torch_fp32", "torch_tf32", "j
     g = lambda k, f: f.format(r[k]) if r.get(k) is not None else "-"
     mem = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "-"
     mfu = f"{100 * r['mfu']:.1f}" if r.get("mfu") is not None else "-"
-    print(fmt.format(name, r["batch"], g("images_per_s", "{:.1f}"), g("step_ms", "{:.1f}"), g("compile_s", "{:.1f}"),
+    compile_s = g("compile_s", "{:.1f}") if "compile_s" in r else g("first_step_s", "{:.1f}")   # torch: 1st step
+    print(fmt.format(name, r["batch"], g("images_per_s", "{:.1f}"), g("step_ms", "{:.1f}"), compile_s,
                      g("tflops_per_s", "{:.1f}"), mfu, mem, g("loss", "{:.3f}")))
 ips = {k: r["images_per_s"] for k, r in rows.items()}
-for a, b in (("jax_bf16", "torch_amp"), ("jax_fp32", "torch_fp32"), ("jax_fp32", "torch_tf32"),
+for a, b in (("jax_bf16", "torch_amp"), ("jax_bf16", "torch_compile_amp"), ("jax_fp32", "torch_fp32"),
+             ("jax_fp32", "torch_tf32"),
              ("jax_bf16_x4", "torch_amp_x4")):
     if a in ips and b in ips:
         print(f"{a} / {b}: {ips[a] / ips[b]:.2f}")

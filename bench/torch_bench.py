@@ -11,6 +11,10 @@ the CPU in its data loader workers, so augmentation is not part of its step (rsd
 like the reference's native AMP). cudnn.benchmark is on, as in the reference's train.py. `--tf32` lets float32
 matrix products use TF32, as cuDNN's convolutions already do by default and as JAX's float32 default precision
 does on a GPU (torch's default, and the reference's, is full float32 for them).
+`--compile` wraps the whole step (teacher forward, student forward, losses, backward, optimizer step) in
+`torch.compile` with `--compile_mode` (default "default": inductor without CUDA graphs or autotuning, what
+timm's benchmark and most users turn on; "max-autotune" compiles for much longer); `backward()` and the optimizer
+step become their own compiled graphs. The first warm-up step includes the compilation (`first_step_s`).
 """
 import json
 import statistics
@@ -73,13 +77,17 @@ def make_step(config, student, teacher, projector, optimizer, amp_dtype, device)
     return step
 
 
-def run_bench(config, steps=5, warmup=2, amp=False, amp_dtype="bfloat16", channels_last=False, tf32=False):
+def run_bench(config, steps=5, warmup=2, amp=False, amp_dtype="bfloat16", channels_last=False, tf32=False,
+              compile_mode=None):
+    """Time `steps` steps after `warmup` ones; `compile_mode` (a torch.compile mode) compiles the step."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = tf32
     student, teacher, projector, optimizer = build(config, device, channels_last)
     dtype = getattr(torch, amp_dtype) if amp else None
     step = make_step(config, student, teacher, projector, optimizer, dtype, device)
+    if compile_mode:
+        step = torch.compile(step, mode=compile_mode)
     b, size = config.data.batch_size, config.data.image_size
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(b, 3, size, size, generator=gen).to(device)
@@ -88,8 +96,12 @@ def run_bench(config, steps=5, warmup=2, amp=False, amp_dtype="bfloat16", channe
     labels = (torch.arange(b) % student.num_classes).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
+    first_step_s = None
     for _ in range(warmup):
         loss = step(images, labels)
+        if first_step_s is None:
+            sync()
+            first_step_s = time.perf_counter() - t0
     sync()
     warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
@@ -109,14 +121,17 @@ def run_bench(config, steps=5, warmup=2, amp=False, amp_dtype="bfloat16", channe
         "image_size": size, "dtype": f"amp-{amp_dtype}" if amp else "float32", "steps": steps,
         "device": f"{device.type}:{name}", "devices": 1, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "channels_last": channels_last, "tf32_matmul": tf32,
-        "warmup_s": round(warmup_s, 3),
+        "compile": compile_mode, "first_step_s": round(first_step_s, 3), "warmup_s": round(warmup_s, 3),
         "step_ms": round(1e3 * step_s, 2), "images_per_s": round(b / step_s, 2), "loss": float(loss),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
     }
 
 
 USAGE = ("python -m bench.torch_bench --config configs/FILE.py[:arg] [--batch N] [--steps N] [--amp] "
-         "[--amp_dtype bfloat16|float16] [--channels_last] [--tf32] [--json] [--config.x=y]")
+         "[--amp_dtype bfloat16|float16] [--channels_last] [--tf32] [--compile [--compile_mode MODE]] [--json] "
+         "[--config.x=y]")
+
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 def define_flags(FLAGS):
@@ -127,6 +142,8 @@ def define_flags(FLAGS):
                       flag_values=FLAGS)
     flags.DEFINE_bool("channels_last", False, "channels-last memory format", flag_values=FLAGS)
     flags.DEFINE_bool("tf32", False, "float32 matrix products in TF32 (JAX's GPU default)", flag_values=FLAGS)
+    flags.DEFINE_bool("compile", False, "torch.compile the whole step", flag_values=FLAGS)
+    flags.DEFINE_enum("compile_mode", "default", COMPILE_MODES, "torch.compile mode with --compile", flag_values=FLAGS)
     flags.DEFINE_bool("json", False, "one machine-readable line", flag_values=FLAGS)
 
 
@@ -136,9 +153,10 @@ def run(FLAGS, args):
     if config.distill.method != "rsd":
         raise UserError(f"the torch baseline implements RSD only, the config's method is {config.distill.method}")
     r = run_bench(config, FLAGS.steps, amp=FLAGS.amp, amp_dtype=FLAGS.amp_dtype, channels_last=FLAGS.channels_last,
-                  tf32=FLAGS.tf32)
+                  tf32=FLAGS.tf32, compile_mode=FLAGS.compile_mode if FLAGS.compile else None)
+    how = f"compiled ({r['compile']}, first step {r['first_step_s']:.1f} s)" if r["compile"] else "eager"
     print(json.dumps(r) if FLAGS.json else
-          f"torch {r['teacher']} -> {r['student']} {r['dtype']} batch {r['batch']} at {r['image_size']}: "
+          f"torch {how} {r['teacher']} -> {r['student']} {r['dtype']} batch {r['batch']} at {r['image_size']}: "
           f"{r['images_per_s']:.1f} images/s ({r['step_ms']:.1f} ms/step) on {r['device']}")
     return r
 

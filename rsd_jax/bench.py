@@ -8,7 +8,8 @@ Reported: images/s, compile time, FLOPs per step (XLA's cost analysis of the com
 where the backend reports it, and MFU against the chip's dense bf16 peak where it is known.
 
 `python -m rsd_jax.bench --compare_torch --config ... --batch N` runs this bench and the PyTorch baseline
-(bench/torch_bench.py, the reference's step) alternately in fresh processes and prints the ratio.
+(bench/torch_bench.py, the reference's step), eager and under torch.compile (`--notorch_compile`: eager only),
+alternately in fresh processes and prints the ratios.
 """
 import json
 import os
@@ -302,34 +303,43 @@ def config_args(FLAGS):
 
 
 def compare_torch(args):
-    """JAX and torch benches alternately in fresh processes; the ratio of their median images/s."""
+    """JAX, torch eager and (with --torch_compile) torch.compile benches alternately in fresh processes; the
+    ratios of their median images/s."""
     common = [*config_args(args), "--steps", str(args.steps), "--json"] + \
         (["--batch", str(args.batch)] if args.batch is not None else [])
     jax_cmd = [sys.executable, "-m", "rsd_jax.bench", "--dtype", args.dtype] + common
     torch_cmd = [sys.executable, "-m", "bench.torch_bench"] + common + (["--amp"] if args.dtype == "bfloat16" else [])
-    results = {"jax": [], "torch": []}
+    runs = {"jax": jax_cmd, "torch": torch_cmd}
+    if args.torch_compile:
+        runs["torch_compiled"] = torch_cmd + ["--compile"]
+    results = {name: [] for name in runs}
     for _ in range(args.repeats):
-        for name, cmd in (("jax", jax_cmd), ("torch", torch_cmd)):
+        for name, cmd in runs.items():
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode or not lines:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
             results[name].append(json.loads(lines[-1]))
             print(f"{name}: {results[name][-1]['images_per_s']:.2f} images/s", file=sys.stderr)
-    j = statistics.median(r["images_per_s"] for r in results["jax"])
-    t = statistics.median(r["images_per_s"] for r in results["torch"])
+    median = lambda name, key: statistics.median(r[key] for r in results[name])   # noqa: E731
+    j, t = median("jax", "images_per_s"), median("torch", "images_per_s")
     summary = {"jax_images_per_s": j, "torch_images_per_s": t, "jax_over_torch": round(j / t, 3),
-               "jax_step_ms": statistics.median(r["step_ms"] for r in results["jax"]),
-               "torch_step_ms": statistics.median(r["step_ms"] for r in results["torch"]),
+               "jax_step_ms": median("jax", "step_ms"), "torch_step_ms": median("torch", "step_ms"),
                "dtype": args.dtype, "repeats": args.repeats}
-    print(json.dumps(summary) if args.json else
-          f"JAX {j:.2f} images/s, torch {t:.2f} images/s: JAX/torch = {j / t:.2f} ({args.dtype}, "
-          f"median of {args.repeats})")
+    text = f"JAX {j:.2f} images/s, torch eager {t:.2f} images/s: JAX/torch = {j / t:.2f}"
+    if args.torch_compile:
+        c = median("torch_compiled", "images_per_s")
+        summary.update(torch_compiled_images_per_s=c, jax_over_torch_compiled=round(j / c, 3),
+                       torch_compiled_step_ms=median("torch_compiled", "step_ms"),
+                       torch_compile_first_step_s=median("torch_compiled", "first_step_s"))
+        text += (f", torch.compile {c:.2f} images/s (first step {summary['torch_compile_first_step_s']:.0f} s): "
+                 f"JAX/compiled = {j / c:.2f}")
+    print(json.dumps(summary) if args.json else f"{text} ({args.dtype}, median of {args.repeats})")
     return summary
 
 
 USAGE = ("python -m rsd_jax.bench --config configs/FILE.py[:arg] [--batch N] [--steps N] [--dtype float32|bfloat16] "
-         "[--json] [--breakdown] [--profile N] [--compare_torch [--repeats N]] [--config.x=y]")
+         "[--json] [--breakdown] [--profile N] [--compare_torch [--repeats N] [--notorch_compile]] [--config.x=y]")
 
 
 def define_flags(FLAGS):
@@ -346,6 +356,8 @@ def define_flags(FLAGS):
                       "of the step)", flag_values=FLAGS)
     flags.DEFINE_bool("compare_torch", False, "alternate with bench.torch_bench", flag_values=FLAGS)
     flags.DEFINE_integer("repeats", 2, "runs of each with --compare_torch", flag_values=FLAGS)
+    flags.DEFINE_bool("torch_compile", True, "--compare_torch also times torch.compile of the torch step",
+                      flag_values=FLAGS)
 
 
 def run(FLAGS, args):

@@ -78,10 +78,13 @@ def test_config_overrides_reach_the_bench_and_both_sides_of_compare_torch(monkey
 
     def child(cmd, **kwargs):
         commands.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"images_per_s": 1.0, "step_ms": 1.0}), stderr="")
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(
+            {"images_per_s": 2.0 if "--compile" in cmd else 1.0, "step_ms": 1.0, "first_step_s": 9.0}), stderr="")
     monkeypatch.setattr(bench.subprocess, "run", child)
-    bench.main(args + ["--compare_torch", "--repeats", "1"])
-    assert [c[2] for c in commands] == ["rsd_jax.bench", "bench.torch_bench"]
+    summary = bench.main(args + ["--compare_torch", "--repeats", "1"])
+    assert [c[2] for c in commands] == ["rsd_jax.bench", "bench.torch_bench", "bench.torch_bench"]
+    assert "--compile" in commands[2] and "--compile" not in commands[1]
+    assert summary["jax_over_torch"] == 1.0 and summary["jax_over_torch_compiled"] == 0.5
     assert all("--config.distill.rsd.kappa=0.02" in c and f"{PAIR}:smoke" in c for c in commands), commands
 
 

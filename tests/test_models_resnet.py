@@ -49,6 +49,32 @@ def test_parity_full_size(name):
     check_parity(timm_resnet(name, 0, num_classes=100), name, 100, 224, 1, seed=0)
 
 
+@pytest.mark.parametrize("stem_space_to_depth", [False, True])
+def test_parity_resnet18_at_224_either_stem(stem_space_to_depth):
+    check_parity(timm_resnet("resnet18", 0, num_classes=10), "resnet18", 10, 224, 1, seed=5,
+                 stem_space_to_depth=stem_space_to_depth)
+
+
+@pytest.mark.parametrize("size", [(9, 9), (10, 13), (32, 32)])
+def test_space_to_depth_stem_is_the_strided_7x7_convolution(size):
+    """resnet.space_to_depth_conv against torch's Conv2d(3, C, 7, stride 2, padding 3): outputs and the gradients
+    of the input and of the kernel, odd and even sizes."""
+    from rsd_jax.models import resnet
+    rng = np.random.RandomState(sum(size))
+    x = rng.randn(2, 3, *size).astype(np.float32)
+    w = rng.randn(8, 3, 7, 7).astype(np.float32)
+    xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    want = torch.nn.functional.conv2d(xt, wt, stride=2, padding=3)
+    g = rng.randn(*want.shape).astype(np.float32)
+    want.backward(torch.from_numpy(g))
+    got, vjp = jax.vjp(resnet.space_to_depth_conv, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                       jnp.asarray(w.transpose(2, 3, 1, 0)))
+    gx, gw = vjp(jnp.asarray(g.transpose(0, 2, 3, 1)))
+    assert max_rel_err(got, want.detach().numpy().transpose(0, 2, 3, 1)) < 1e-6
+    assert max_rel_err(gx, xt.grad.numpy().transpose(0, 2, 3, 1)) < 1e-6
+    assert max_rel_err(gw, wt.grad.numpy().transpose(2, 3, 1, 0)) < 1e-6
+
+
 @pytest.mark.parametrize("block,overrides,timm_kwargs", [
     ("basic", TINY, dict(channels=(16, 32, 64, 128), layers=(1, 1, 1, 1))),
     ("bottleneck", TINY_BOTTLENECK, dict(channels=(8, 16, 32, 64), layers=(1, 2, 1, 1))),
@@ -115,12 +141,34 @@ def test_max_pool_matches_torch_forward_and_backward(size):
                                xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
 
 
-def test_train_mode_gradients_match_torch():
+@pytest.mark.parametrize("size,kernel,stride", [(9, 7, 2), (10, 3, 2), (9, 3, 1), (10, 1, 2)])
+def test_gemm_kernel_gradient_is_the_convolutions_gradient(size, kernel, stride):
+    """layers.conv2d with the kernel gradient as a matrix product of patches against torch's Conv2d autograd."""
+    from rsd_jax.models import layers
+    rng = np.random.RandomState(size + kernel)
+    x, w = rng.randn(2, 5, size, size).astype(np.float32), rng.randn(6, 5, kernel, kernel).astype(np.float32)
+    xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    want = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=kernel // 2)
+    g = rng.randn(*want.shape).astype(np.float32)
+    want.backward(torch.from_numpy(g))
+    got, vjp = jax.vjp(lambda x, w: layers.conv2d(x, w, stride, kernel // 2, gemm_kernel_grad=True),
+                       jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(w.transpose(2, 3, 1, 0)))
+    gx, gw = vjp(jnp.asarray(g.transpose(0, 2, 3, 1)))
+    assert max_rel_err(got, want.detach().numpy().transpose(0, 2, 3, 1)) < 1e-6
+    assert max_rel_err(gx, xt.grad.numpy().transpose(0, 2, 3, 1)) < 1e-6
+    assert max_rel_err(gw, wt.grad.numpy().transpose(2, 3, 1, 0)) < 1e-6
+
+
+@pytest.mark.parametrize("stem_space_to_depth,gemm_kernel_grad", [(False, False), (True, False), (False, True),
+                                                                   (True, True)])
+def test_train_mode_gradients_match_torch(stem_space_to_depth, gemm_kernel_grad):
     """Every parameter's gradient of a train-mode step against torch autograd through timm (stem max pool and its
-    ReLU ties, BatchNorm with batch statistics, residuals, the head)."""
+    ReLU ties, BatchNorm with batch statistics, residuals, the head), with either form of the stem convolution and
+    of the kernel gradients."""
     from convert import core
     tm = timm_resnet("resnet18", 4, num_classes=10, channels=(16, 32, 64, 128), layers=(1, 1, 1, 1))
-    fm, variables = port(tm, "resnet18", 10, **TINY)
+    fm, variables = port(tm, "resnet18", 10, stem_space_to_depth=stem_space_to_depth,
+                         gemm_kernel_grad=gemm_kernel_grad, **TINY)
     variables = jax.tree_util.tree_map(np.array, variables)
     rng = np.random.RandomState(4)
     x, w = rng.randn(4, 3, 32, 32).astype(np.float32), rng.randn(4, 10).astype(np.float32)

@@ -202,3 +202,25 @@ def test_infer_rejects():
     sd = timm_swin(TINY, 10, seed=0, device="meta", **SMALL).state_dict()
     with pytest.raises(core.ConversionError, match="no known model"):
         table.infer(sd)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("cfg", [SMALL, ODD], ids=["small", "odd"])
+def test_fused_inference_attention_equals_the_einsum_path(cfg, dtype, tol):
+    """The inference attention through jax.nn.dot_product_attention (one broadcast bias of the relative positions
+    and the shift mask) against the einsum path training uses, on the same weights: shifted, padded and clamped
+    windows; in bf16 within the 2% the bf16 step is held to against fp32 (tests/test_bench.py)."""
+    import jax.numpy as jnp
+    from rsd_jax import train
+    tm = timm_swin(TINY, 10, seed=3, **cfg)
+    fused, variables = port(tm, TINY, 10, **cfg)
+    plain = models.create_model(TINY, num_classes=10, fused_attention=False, **cfg)
+    variables = train.cast_floats(variables, jnp.dtype(dtype))
+    x = jnp.asarray(np.random.RandomState(3).randn(2, cfg["img_size"], cfg["img_size"], 3), dtype)
+    got = jax.jit(lambda v, x: fused.apply(v, x, train=False))(variables, x)
+    want = jax.jit(lambda v, x: plain.apply(v, x, train=False))(variables, x)
+    for key in ("stage1", "stage2", "final_tokens", "pre_logits"):
+        assert max_rel_err(got[1][key], want[1][key]) < tol, key
+    assert max_rel_err(got[0], want[0]) < tol
+    if jax.default_backend() == "cpu":
+        assert swin.attention_implementation(jnp.bfloat16) == "xla"

@@ -116,6 +116,8 @@ def _tuples(value):
 def _same_kind(value, like):
     """Whether an override has the type of the option's default: bool, int, number, str, or a tuple whose items
     each have the kind of one of the default's items; anything goes where the default is None."""
+    if like is None:
+        return True
     if isinstance(like, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(like, bool)
     if isinstance(like, int):

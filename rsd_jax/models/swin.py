@@ -80,6 +80,44 @@ def shifted_window_mask(padded, window, shift):
     return np.where(ids[:, None, :] != ids[:, :, None], _MASKED, 0.0).astype(np.float32)
 
 
+def attention_implementation(dtype):
+    """`jax.nn.dot_product_attention`'s implementation for the fused (inference) path: cuDNN's fused kernel on a
+    CUDA GPU in bf16/fp16 (the only dtypes it takes), XLA's elsewhere (CPU, TPU, float32). Decided from the
+    platform, so that nothing CUDA-specific is traced on a CPU."""
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and \
+            "cuda" in jax.devices()[0].client.platform_version.lower():
+        return "cudnn"
+    return "xla"
+
+
+def fused_window_attention(q, k, v, bias, mask):
+    """Windowed attention by `jax.nn.dot_product_attention`: q, k, v (B, num_windows, N, heads, head_dim), q
+    already scaled; `bias` (heads, N, N), `mask` (num_windows, N, N) or None. Without a mask the windows are
+    folded into the batch (a free reshape) and the bias broadcasts over it; with one they are folded into the head
+    axis, so bias and mask are one (1, num_windows * heads, N, N) constant-shaped bias. Returns (B, nw, N, C)."""
+    b, nw, n, heads, d = q.shape
+    implementation = attention_implementation(q.dtype)
+    if mask is None:
+        fold = lambda t: t.reshape(b * nw, n, heads, d)   # noqa: E731
+        full_bias = bias[None]
+    else:
+        fold = lambda t: t.transpose(0, 2, 1, 3, 4).reshape(b, n, nw * heads, d)   # noqa: E731
+        full_bias = (bias[None] + jnp.asarray(mask, bias.dtype)[:, None]).reshape(1, nw * heads, n, n)
+    out = None
+    if implementation == "cudnn":
+        try:   # cuDNN's own limits (version, head size, sequence length) are checked while tracing
+            out = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), full_bias.astype(q.dtype), scale=1.0,
+                                               implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            out = None
+    if out is None:
+        out = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), full_bias.astype(q.dtype), scale=1.0,
+                                           implementation="xla")
+    if mask is None:
+        return out.reshape(b, nw, n, heads * d)
+    return out.reshape(b, n, nw, heads * d).transpose(0, 2, 1, 3)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside each window, with a learned relative-position bias."""
     dim: int
@@ -87,6 +125,8 @@ class WindowAttention(nn.Module):
     window: tuple
     attn_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
+    fused: bool = True      # in inference (train=False): `fused_window_attention`; training keeps the einsums
+                            # (what XLA differentiates best; cuDNN's training kernel wants even window sizes)
 
     @nn.compact
     def __call__(self, x, mask, train):
@@ -101,7 +141,10 @@ class WindowAttention(nn.Module):
 
         qkv = _dense(3 * self.dim, name="qkv")(x).reshape(b, nw, n, 3, self.num_heads, head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q * head_dim ** -0.5, k) + bias
+        q = q * head_dim ** -0.5    # timm scales q before the product
+        if self.fused and not train:
+            return _dense(self.dim, name="proj")(fused_window_attention(q, k, v, bias.astype(q.dtype), mask))
+        logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k) + bias
         if mask is not None:   # in the compute dtype: a float32 mask would turn the rest of a bf16 model float32
             logits = logits + jnp.asarray(mask, logits.dtype)[:, None]
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)   # as torch autocast: in float32
@@ -120,6 +163,7 @@ class SwinBlock(nn.Module):
     drop_path: float = 0.0
     attn_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
+    fused_attention: bool = True
 
     @nn.compact
     def __call__(self, x, train):
@@ -134,7 +178,8 @@ class SwinBlock(nn.Module):
         pad_h, pad_w = -h % window[0], -w % window[1]
         y = jnp.pad(y, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
         mask = shifted_window_mask((h + pad_h, w + pad_w), window, shift) if any(shift) else None
-        y = WindowAttention(c, self.num_heads, window, self.attn_drop_rate, self.proj_drop_rate, name="attn")(
+        y = WindowAttention(c, self.num_heads, window, self.attn_drop_rate, self.proj_drop_rate,
+                            fused=self.fused_attention, name="attn")(
             partition(y, window), mask, train)
         y = unpartition(y, window, h + pad_h, w + pad_w)[:, :h, :w]
         if any(shift):
@@ -171,6 +216,7 @@ class SwinStage(nn.Module):
     mlp_ratio: float = 4.0
     attn_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
+    fused_attention: bool = True
 
     @nn.compact
     def __call__(self, x, train):
@@ -179,7 +225,8 @@ class SwinStage(nn.Module):
         for j in range(self.depth):
             x = SwinBlock(self.num_heads, self.window_size, shifted=j % 2 == 1, mlp_ratio=self.mlp_ratio,
                           drop_path=self.drop_paths[j], attn_drop_rate=self.attn_drop_rate,
-                          proj_drop_rate=self.proj_drop_rate, name=f"blocks_{j}")(x, train)
+                          proj_drop_rate=self.proj_drop_rate, fused_attention=self.fused_attention,
+                          name=f"blocks_{j}")(x, train)
         return x
 
 
@@ -219,6 +266,7 @@ class SwinTransformer(nn.Module):
     proj_drop_rate: float = 0.0     # after attn.proj and in the MLP
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1     # timm's default for every Swin
+    fused_attention: bool = True    # inference attention by jax.nn.dot_product_attention (WindowAttention.fused)
 
     def reference_stage_indices(self):
         """Index of each stage's last block in the reference's flat list of block outputs."""
@@ -232,7 +280,8 @@ class SwinTransformer(nn.Module):
         for i, depth in enumerate(self.depths):
             x = SwinStage(self.embed_dim * 2 ** i, depth, self.num_heads[i], self.window_size, downsample=i > 0,
                           drop_paths=tuple(rates[i]), mlp_ratio=self.mlp_ratio, attn_drop_rate=self.attn_drop_rate,
-                          proj_drop_rate=self.proj_drop_rate, name=f"layers_{i}")(x, train)
+                          proj_drop_rate=self.proj_drop_rate, fused_attention=self.fused_attention,
+                          name=f"layers_{i}")(x, train)
             features[f"stage{i + 1}"] = x.reshape(x.shape[0], -1, x.shape[-1])
         x = layers.LayerNorm(name="norm")(x)
         features["final_tokens"] = x.reshape(x.shape[0], -1, x.shape[-1])
