@@ -52,7 +52,8 @@ class RunInfo:
 
     @property
     def seed(self):
-        seeds = [self.config[k] for k in SEED_KEYS if k in self.config]
+        """"S" for data seed S (and model seed S, its default), "S/M" when the model seed M is another."""
+        seeds = [self.config[k] for k in SEED_KEYS if self.config.get(k) is not None]
         return "/".join(str(s) for s in seeds) if len(set(seeds)) > 1 else str(seeds[0]) if seeds else ""
 
     def _evaluated(self, key):
@@ -285,7 +286,8 @@ def plot_curves(plt, groups, path):
                 points = [(rec["epoch"], rec[key]) for rec in r.records if key in rec]
                 if points:
                     top1_ax.plot(*zip(*points), style, color=colour, marker=".",
-                                 label=f"seed {r.seed}" + (" (EMA)" if key == "ema_top1" else ""))
+                                 label=f"seed {r.seed.replace('/', ', model seed ')}"
+                                 + (" (EMA)" if key == "ema_top1" else ""))
             points = [(rec["epoch"], rec["train_lr"]) for rec in r.records if "train_lr" in rec]
             if points:
                 lr_ax.plot(*zip(*points), color=colour)
