@@ -53,9 +53,15 @@ def to_torch_array(leaf_name, array):
 
 
 def _flat_template(template):
-    """[(collection, path, shape)] of an abstract or concrete variables tree."""
+    """[(collection, path, shape, dtype)] of an abstract or concrete variables tree."""
     flat = traverse_util.flatten_dict(dict(template))
-    return [(k[0], k[1:], tuple(v.shape)) for k, v in flat.items()]
+    return [(k[0], k[1:], tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()]
+
+
+def _wanted_dtype(dtype):
+    """A floating leaf takes float32 (the checkpoint's floats are cast to it); any other leaf (CRD's bool flag) its
+    own dtype."""
+    return np.dtype(np.float32) if np.issubdtype(dtype, np.floating) else dtype
 
 
 def float32_copy(value):
@@ -69,22 +75,22 @@ def state_dict_to_variables(state_dict, template, table=None):
 
     `table.torch_name(collection, path)` may override the default name rule for a family. Every tensor must be
     used exactly once (BatchNorm's num_batches_tracked and the table's `IGNORED` patterns excepted) and every
-    leaf filled with the right shape and a floating-point dtype; otherwise one ConversionError lists all the
-    problems.
+    leaf filled with the right shape and a floating-point dtype (a non-float leaf, such as CRD's flag: its own
+    dtype); otherwise one ConversionError lists all the problems.
     """
     name_of = getattr(table, "torch_name", None) or torch_name
     ignored = [re.compile(p) for p in (*getattr(table, "IGNORED", ()), r"(^|\.)num_batches_tracked$")]
     given = {k: v for k, v in state_dict.items() if not any(p.search(k) for p in ignored)}
-    leaves = {name_of(collection, path): (collection, path, shape)
-              for collection, path, shape in _flat_template(template)}
+    leaves = {name_of(collection, path): (collection, path, shape, dtype)
+              for collection, path, shape, dtype in _flat_template(template)}
     # Both sides keyed by torch name, the checkpoint's tensors in the Flax layout (never a view of torch memory).
     flax_values = {k: to_flax_array(leaves[k][1][-1], float32_copy(v)) if k in leaves else v for k, v in given.items()}
-    wanted = {k: jax.ShapeDtypeStruct(shape, np.float32) for k, (_, _, shape) in leaves.items()}
-    differences = trees.diff(wanted, flax_values, dtypes=True)   # an integer or bool tensor for a float leaf
+    wanted = {k: jax.ShapeDtypeStruct(shape, _wanted_dtype(dtype)) for k, (_, _, shape, dtype) in leaves.items()}
+    differences = trees.diff(wanted, flax_values, dtypes=True)   # e.g. an integer or bool tensor for a float leaf
     if differences:
         raise ConversionError(differences.describe("checkpoint", "model"))
     return traverse_util.unflatten_dict({(collection, *path): flax_values[k]
-                                         for k, (collection, path, _) in leaves.items()})
+                                         for k, (collection, path, _, _) in leaves.items()})
 
 
 def variables_to_state_dict(variables, table=None):

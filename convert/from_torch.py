@@ -213,7 +213,7 @@ def _classifier_leaves(model_name, overrides, table):
         flat = core._flat_template(template(model_name, n, overrides))
         name_of = getattr(table, "torch_name", None) or core.torch_name
         shapes.append({name_of(c, p): core.to_torch_array(p[-1], np.broadcast_to(np.float32(0), s)).shape
-                       for c, p, s in flat})
+                       for c, p, s, _ in flat})
     return {k: next(i for i, (a, b) in enumerate(zip(s, shapes[1][k])) if a != b)
             for k, s in shapes[0].items() if s != shapes[1][k]}
 

@@ -98,6 +98,9 @@ def recorded(workdir, primary):
     try:
         yield session
     except BaseException:
-        session.end("failed")
+        try:
+            session.end("failed")
+        except OSError:
+            pass    # a full disk, the likely cause, must not replace the error that stopped the run with its own
         raise
     session.end(session.outcome)

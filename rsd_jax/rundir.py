@@ -92,9 +92,14 @@ class WorkdirLock(contextlib.AbstractContextManager):
 
 def write_atomic(path, text):
     """Write `text` to `path` through a temporary file and a rename, so that `path` is never half-written."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
 
 
 def read_run_config(config_path):

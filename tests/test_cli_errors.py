@@ -62,7 +62,7 @@ def test_checkpoint_that_does_not_fit_the_config_json(workdir, tmp_path):
 def test_unknown_config_key_names_the_key_and_the_nearest_one(tmp_path):
     # ml_collections' KeyError text (quotes, a newline, "Did you mean") must not leak into the message.
     out = run_cli("rsd_jax.main", "--config", "configs/demo.py:smoke", "--workdir", str(tmp_path / "run"),
-                  "--config.students=3")
-    assert_one_line_error(out, "unknown config key 'students' (did you mean 'student'?)")
-    assert out.stderr.strip() == "error: unknown config key 'students' (did you mean 'student'?)"
+                  "--config.teachers=3")
+    assert_one_line_error(out, "unknown config key 'teachers' (did you mean 'teacher'?)")
+    assert out.stderr.strip() == "error: unknown config key 'teachers' (did you mean 'teacher'?)"
     assert not (tmp_path / "run").exists()

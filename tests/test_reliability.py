@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rsd_jax import checkpoint, models, reliability, rundir, train
+from rsd_jax import checkpoint, models, provenance, reliability, rundir, train
 from rsd_jax.errors import UserError
 from tiny import tiny_config
 
@@ -172,6 +172,25 @@ def test_full_disk_mid_save_stops_with_one_line_and_keeps_the_previous_checkpoin
         ckpts.close()
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_at_the_env_record_keeps_the_error_that_stopped_the_run(tmp_path, monkeypatch):
+    """The disk that filled during a save is still full when env.json records the failure: the run's own one-line
+    error must come out, not the OSError of that last write (and no env.json.tmp is left)."""
+    with pytest.raises(UserError, match="no space left while saving"):
+        with provenance.recorded(str(tmp_path), primary=True):
+            real_open = open
+
+            def full_open(path, mode="r", *args, **kwargs):
+                if "w" in mode:
+                    real_open(path, mode).close()
+                    raise OSError(28, "No space left on device")
+                return real_open(path, mode, *args, **kwargs)
+            monkeypatch.setattr("builtins.open", full_open)
+            raise UserError("no space left while saving step 9")
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "env.json").read_text())["status"] == "running"
+    assert sorted(os.listdir(tmp_path)) == ["env.json"]
 
 
 def test_sigterm_saves_a_resumable_checkpoint(config_file, reference, tmp_path):
