@@ -468,6 +468,10 @@ def train_and_evaluate(config, workdir):
     with WorkdirLock(workdir):     # one run per workdir, refused before anything compiles
         run = build_run(config)    # a bad config is refused before log.txt or env.json is written
         reliability.check_free_space(workdir, run.abstract_state)    # so is a full disk, before anything compiles
+        if run.num_members > 1:    # students that do not fit the device: refused before anything is written
+            compiled = students.compile_if_fits(run)
+            if not config.get("skip_nonfinite_steps"):    # (that wraps the step in a jit of its own)
+                run = dataclasses.replace(run, train_step=compiled)
         primary = jax.process_index() == 0
         with cli.log_file(workdir, primary), provenance.recorded(workdir, primary) as session:
             results = _train_and_evaluate(run, workdir)
@@ -491,10 +495,6 @@ def _train_and_evaluate(run, workdir):
     log.info("student %s: %.2fM parameters; %s extra: %.2fM%s", config.student.model, n_student / 1e6,
              config.distill.method, n_extra / 1e6,
              f"; {run.num_members} students in one step" if run.num_members > 1 else "")
-    if run.num_members > 1:
-        compiled = students.compile_if_fits(run)      # before anything is written
-        if not config.get("skip_nonfinite_steps"):    # (that wraps the step in a jit of its own)
-            run = dataclasses.replace(run, train_step=compiled)
     rundir = RunDir(workdir, primary=jax.process_index() == 0)
     dirs = member_dirs(run, workdir)
     ckpts = checkpoint.RunCheckpoints(workdir)

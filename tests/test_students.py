@@ -220,4 +220,4 @@ def test_students_that_do_not_fit_are_refused_with_the_estimate(tmp_path, monkey
     monkeypatch.setattr(students, "device_memory_limit", lambda: 2 ** 20)     # 1 MiB
     with pytest.raises(UserError, match=r"4 students need about .* GiB per device .* students=\d+ would fit"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    assert not os.path.exists(tmp_path / "run")        # no log.txt, env.json or lock left either
