@@ -45,8 +45,8 @@ class RunCheckpoints:
         self._saving = None      # the step of the save that may still be in flight
         for name in ("absl", "asyncio"):    # orbax's save threads, and its tasks' errors collected at exit
             logger = logging.getLogger(name)
-            if not any(isinstance(f, _DiskFullRecords) for f in logger.filters):
-                logger.addFilter(_DiskFullRecords())
+            if not any(isinstance(f, _ReportedOrbaxErrors) for f in logger.filters):
+                logger.addFilter(_ReportedOrbaxErrors())
 
     def latest_step(self, which="latest"):
         return self._manager(which).latest_step()
@@ -266,13 +266,26 @@ def _is_disk_full(e):
     return False
 
 
-class _DiskFullRecords(logging.Filter):
-    """Drops orbax's error records of a full disk (one per save thread and task, each with a traceback):
-    `RunCheckpoints` reports it once, as one line."""
+class _ReportedOrbaxErrors(logging.Filter):
+    """Drops orbax's error records that `RunCheckpoints` reports itself, once, as one line: a full disk (one record
+    per save thread and task, each with a traceback), and the reads of a damaged checkpoint that failed beside the
+    one whose error the restore caught (asyncio's "Task exception was never retrieved", with orbax's traceback)."""
 
     def filter(self, record):
-        return not (_is_disk_full(record.exc_info[1] if record.exc_info else None)
-                    or "No space left on device" in record.getMessage())
+        error = record.exc_info[1] if record.exc_info else None
+        if _is_disk_full(error) or "No space left on device" in record.getMessage():
+            return False
+        return not (record.getMessage().startswith("Task exception was never retrieved") and error is not None
+                    and _raised_in_orbax(error))
+
+
+def _raised_in_orbax(e):
+    tb = e.__traceback__
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _first_line(e):
