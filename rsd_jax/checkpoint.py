@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import traceback
 
 import jax
 import numpy as np
@@ -280,12 +281,7 @@ class _ReportedOrbaxErrors(logging.Filter):
 
 
 def _raised_in_orbax(e):
-    tb = e.__traceback__
-    while tb is not None:
-        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return False
+    return any(f"{os.sep}orbax{os.sep}" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(e.__traceback__))
 
 
 def _first_line(e):
